@@ -1,0 +1,1 @@
+"""tessera.agent: the per-host daemon serving the SPIFFE Workload API (tessera-agent)."""

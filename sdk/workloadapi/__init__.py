@@ -1,0 +1,1 @@
+"""Workload API client for workloads, and the wire mapping shared with the agent."""

@@ -1,0 +1,1 @@
+"""tessera.server: the central CA and registration service (tessera-server)."""
