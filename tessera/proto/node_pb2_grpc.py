@@ -68,6 +68,20 @@ class NodeServicer:
         """Node attestation, as a bidirectional stream so attestors can run challenge-response (x509pop).
         Agent sends AttestRequest.params first; the server answers with zero or more challenges, each
         answered by an AttestRequest.challenge_response, and finally an AttestResponse.result.
+
+        join_token: no challenge. The agent ID is spiffe://<td>/tessera/agent/join_token/<token id> (the
+        token id is public and distinct from the secret) or the --spiffe-id given when the token was made;
+        node selector join_token:id:<token id>. The CSR is checked first; once accepted, the token is spent.
+        x509pop: one challenge = 32 random bytes (nonce) followed by a server-chosen context string
+        ("tessera-x509pop-v1 spiffe://<td>"). The challenge_response is a signature over the challenge bytes
+        exactly as received, made with the private key of the host certificate (payload leaf): ECDSA with
+        SHA-256 (DER-encoded signature) for EC keys, RSA-PSS with SHA-256 (salt length = digest length)
+        or PKCS#1 v1.5 with SHA-256 for RSA keys, Ed25519 as is. The agent ID is
+        spiffe://<td>/tessera/agent/x509pop/<hex SHA-1 fingerprint of the leaf DER>; node selectors
+        x509pop:subject:cn:<CN>, x509pop:ca:fingerprint:<hex SHA-1 of each intermediate and the root>,
+        x509pop:san:dns:<name>, x509pop:san:uri:<uri>; reattestable = true.
+        Errors: InvalidArgument for a malformed request, PermissionDenied when the token / certificate /
+        signature is refused or the agent is banned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
