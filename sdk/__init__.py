@@ -4,6 +4,7 @@ It depends on nothing else in Tessera (only on the generated Workload API stubs)
 build on it, never the other way round.
 """
 
+from tessera.sdk.bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from tessera.sdk.errors import (
     AuthorizationError,
     BundleError,
@@ -14,10 +15,14 @@ from tessera.sdk.errors import (
     WorkloadApiError,
 )
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
+from tessera.sdk.svid import X509Svid
 
 __all__ = [
     "AuthorizationError",
     "BundleError",
+    "BundleSet",
+    "JwtBundle",
+    "SpiffeBundle",
     "SpiffeId",
     "SpiffeIdError",
     "SvidError",
@@ -25,4 +30,6 @@ __all__ = [
     "TrustDomain",
     "VerificationError",
     "WorkloadApiError",
+    "X509Bundle",
+    "X509Svid",
 ]
