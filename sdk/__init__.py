@@ -16,6 +16,7 @@ from tessera.sdk.errors import (
 )
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import X509Svid
+from tessera.sdk.verify import verify_x509_svid
 
 __all__ = [
     "AuthorizationError",
@@ -32,4 +33,5 @@ __all__ = [
     "WorkloadApiError",
     "X509Bundle",
     "X509Svid",
+    "verify_x509_svid",
 ]
