@@ -15,6 +15,7 @@ from tessera.server.datastore.base import (
     SelectorMatch,
     hash_join_token,
 )
+from tessera.server.datastore.factory import open_datastore
 from tessera.server.selectors import Selector
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "Selector",
     "SelectorMatch",
     "hash_join_token",
+    "open_datastore",
 ]
