@@ -1,0 +1,251 @@
+"""The public Workload API socket: learns each caller from the kernel, then relays bytes to gRPC.
+
+grpcio does not expose a Unix socket peer's credentials, so the agent owns the public socket itself. For
+every accepted connection it reads SO_PEERCRED and pins the process start time, then connects to the
+internal gRPC server from a socket *bound to a fresh path* inside a private 0700 directory. The internal
+server's ``context.peer()`` reads ``unix:<that path>``, which :class:`PeerRegistry` maps back to the
+recorded caller. Nothing the client sends takes part in identifying it.
+
+The internal connection is opened on the first byte from the client, so idle connections cost only a file
+descriptor and never a gRPC transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+from tessera.agent.attestors.base import PeerCredentials, ProcessInfo, process_for
+from tessera.agent.errors import AgentError, AttestationError
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+class PeerRegistry:
+    """Maps the relay's bound client paths (as gRPC reports them) to the callers they carry."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, ProcessInfo] = {}
+
+    def register(self, path: str, process: ProcessInfo) -> None:
+        self._peers["unix:" + path] = process
+
+    def unregister(self, path: str) -> None:
+        self._peers.pop("unix:" + path, None)
+
+    def lookup(self, peer: str) -> ProcessInfo | None:
+        return self._peers.get(peer)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+def prepare_socket_path(path: str, mode: int = 0o755) -> None:
+    """Creates the socket's directory and removes a stale socket, but never one somebody listens on."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=mode, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AgentError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            log.info("removed stale socket %s", path)
+            return
+        raise AgentError(f"cannot check whether {path} is in use: {exc}") from exc
+    finally:
+        probe.close()
+    raise AgentError(f"another process is listening on {path}; stop it or choose another --socket")
+
+
+class _Pipe:
+    """One relayed connection: the caller's transport and, once opened, the internal one."""
+
+    def __init__(self, relay: WorkloadRelay) -> None:
+        self.relay = relay
+        self.public: asyncio.Transport | None = None
+        self.internal: asyncio.Transport | None = None
+        self.process: ProcessInfo | None = None
+        self.pending: list[bytes] = []
+        self.connecting = False
+        self.bound_path = ""
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.public is not None:
+            self.public.close()
+        if self.internal is not None:
+            self.internal.close()
+        if self.bound_path:
+            self.relay.registry.unregister(self.bound_path)
+        self.relay.connections.discard(self)
+
+
+class _PublicSide(asyncio.Protocol):
+    def __init__(self, relay: WorkloadRelay) -> None:
+        self.pipe = _Pipe(relay)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        pipe = self.pipe
+        pipe.public = transport
+        pipe.relay.connections.add(pipe)
+        sock = transport.get_extra_info("socket")
+        try:
+            pipe.process = process_for(peer_credentials(sock), pipe.relay.proc_root)
+        except (OSError, AttestationError) as exc:
+            # The caller vanished before we could look at it; nothing to serve.
+            log.info("dropping connection: %s", exc)
+            pipe.close()
+
+    def data_received(self, data: bytes) -> None:
+        pipe = self.pipe
+        if pipe.internal is not None:
+            pipe.internal.write(data)
+            return
+        pipe.pending.append(data)
+        if not pipe.connecting and not pipe.closed:
+            pipe.connecting = True
+            task = asyncio.get_running_loop().create_task(pipe.relay.open_internal(pipe))
+            pipe.relay.tasks.add(task)
+            task.add_done_callback(pipe.relay.tasks.discard)
+
+    def eof_received(self) -> bool | None:
+        self.pipe.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe.close()
+
+    def pause_writing(self) -> None:
+        if self.pipe.internal is not None:
+            self.pipe.internal.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pipe.internal is not None and not self.pipe.closed:
+            self.pipe.internal.resume_reading()
+
+
+class _InternalSide(asyncio.Protocol):
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+
+    def data_received(self, data: bytes) -> None:
+        if self.pipe.public is not None:
+            self.pipe.public.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.pipe.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe.close()
+
+    def pause_writing(self) -> None:
+        if self.pipe.public is not None:
+            self.pipe.public.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pipe.public is not None and not self.pipe.closed:
+            self.pipe.public.resume_reading()
+
+
+class WorkloadRelay:
+    def __init__(
+        self,
+        public_path: str,
+        internal_path: str,
+        client_dir: str,
+        registry: PeerRegistry,
+        *,
+        proc_root: str = "/proc",
+        socket_mode: int = 0o777,
+    ) -> None:
+        self.public_path = public_path
+        self.internal_path = internal_path
+        self.client_dir = client_dir
+        self.registry = registry
+        self.proc_root = proc_root
+        self.socket_mode = socket_mode
+        self.connections: set[_Pipe] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._ids = itertools.count(1)
+
+    async def start(self) -> None:
+        prepare_socket_path(self.public_path)
+        Path(self.client_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.client_dir, 0o700)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _PublicSide(self), self.public_path, backlog=4096)
+        # Every local user may call the Workload API; who they are is decided per connection.
+        os.chmod(self.public_path, self.socket_mode)
+
+    async def open_internal(self, pipe: _Pipe) -> None:
+        if pipe.process is None or pipe.closed:
+            pipe.close()
+            return
+        loop = asyncio.get_running_loop()
+        path = os.path.join(self.client_dir, f"c{next(self._ids)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.setblocking(False)
+            pipe.bound_path = path
+            self.registry.register(path, pipe.process)
+            await loop.sock_connect(sock, self.internal_path)
+            # The peer address stays recorded in the connected socket; the name is no longer needed.
+            os.unlink(path)
+            transport, _ = await loop.create_unix_connection(lambda: _InternalSide(pipe), sock=sock)
+        except OSError as exc:
+            log.warning("cannot reach the internal Workload API server: %s", exc)
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            pipe.close()
+            return
+        if pipe.closed:
+            transport.close()
+            return
+        pipe.internal = transport
+        for chunk in pipe.pending:
+            transport.write(chunk)
+        pipe.pending.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.public_path)
+        for pipe in list(self.connections):
+            pipe.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
