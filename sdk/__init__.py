@@ -14,6 +14,7 @@ from tessera.sdk.errors import (
     VerificationError,
     WorkloadApiError,
 )
+from tessera.sdk.jwtsvid import JwtSvid
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import X509Svid
 from tessera.sdk.verify import verify_x509_svid
@@ -23,6 +24,7 @@ __all__ = [
     "BundleError",
     "BundleSet",
     "JwtBundle",
+    "JwtSvid",
     "SpiffeBundle",
     "SpiffeId",
     "SpiffeIdError",

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tessera.sdk.bundle import JwtBundle, SpiffeBundle, X509Bundle
+from tessera.sdk.jwtsvid import mint_jwt_svid
 from tessera.sdk.keys import PrivateKey, generate_key, key_id, private_key_to_der, private_key_to_pem, signature_hash
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import X509Svid, certificates_to_der, certificates_to_pem
@@ -126,6 +127,20 @@ class TestCA:
             {self.jwt_kid: self.jwt_key.public_key()},
             sequence=sequence,
             refresh_hint=refresh_hint,
+        )
+
+    def mint_jwt_svid(
+        self,
+        spiffe_id: SpiffeId | str,
+        audience: str | Sequence[str],
+        ttl: float = 300,
+        *,
+        issued_at: dt.datetime | None = None,
+    ) -> str:
+        """A JWT-SVID signed with this trust domain's JWT key (a path is relative to this trust domain)."""
+        issued = issued_at or self.now()
+        return mint_jwt_svid(
+            self.jwt_key, self.jwt_kid, self._sid(spiffe_id), audience, issued + dt.timedelta(seconds=ttl), issued
         )
 
     # ----------------------------------------------------------------------------------------------------
