@@ -17,7 +17,7 @@ import grpc
 
 from tessera.proto import workload_pb2 as pb
 from tessera.sdk.bundle import BundleSet, JwtBundle, X509Bundle
-from tessera.sdk.errors import TesseraError, WorkloadApiError
+from tessera.sdk.errors import WorkloadApiError
 from tessera.sdk.jwtsvid import JwtSvid
 from tessera.sdk.spiffeid import SpiffeId
 from tessera.sdk.svid import X509Svid
@@ -309,4 +309,4 @@ def _audiences(audiences: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return auds
 
 
-__all__ = ["TesseraError", "Watch", "WorkloadApiClient"]
+__all__ = ["Watch", "WorkloadApiClient"]
