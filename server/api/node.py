@@ -1,0 +1,343 @@
+"""The node API servicer (proto/tessera/node.proto): what agents call.
+
+Every call except ``Attest`` starts by authorizing the peer from its TLS client certificate (see
+:mod:`tessera.server.api.peer`), on every call, so an evicted or banned agent is refused at once, not when its
+certificate expires. Datastore calls run in worker threads; signing a batch runs in one worker thread so the
+event loop keeps serving other agents meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from tessera.proto import node_pb2 as npb
+from tessera.proto import node_pb2_grpc as ngrpc
+from tessera.sdk.keys import PublicKey
+from tessera.sdk.spiffeid import SpiffeId, TrustDomain
+from tessera.sdk.svid import certificates_to_der
+from tessera.server.api.authority import Authority
+from tessera.server.api.convert import entry_to_proto, selectors_to_proto
+from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent, serial_hex
+from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found
+from tessera.server.attestation.base import AttestationError, NodeAttestor
+from tessera.server.ca.csr import parse_csr
+from tessera.server.datastore.base import AttestedAgent, Datastore, RegistrationEntry
+from tessera.server.errors import AgentBannedError, BadCsrError, NotFound
+
+log = logging.getLogger("tessera.server.api.node")
+
+MAX_BATCH = 500
+SYNC_PAGE_SIZE = 5000
+MAX_INCREMENTAL_CHANGES = 5000
+ATTEST_STEP_TIMEOUT = 30.0
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_BYTES = 1024
+
+_REFUSAL_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    trust_domain: TrustDomain
+    agent_ttl: float
+    default_x509_svid_ttl: float
+    default_jwt_svid_ttl: float
+
+
+def _check_csr(csr_der: bytes, what: str) -> PublicKey:
+    try:
+        key: PublicKey = parse_csr(csr_der).public_key()  # type: ignore[assignment]  # parse_csr checked the type
+    except BadCsrError as exc:
+        raise invalid(f"{what}: {exc}") from None
+    return key
+
+
+def entry_is_live(entry: RegistrationEntry, now: float) -> bool:
+    return entry.expires_at is None or entry.expires_at > now
+
+
+class _StreamChannel:
+    """Adapts the Attest stream to the attestors' ChallengeChannel."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def challenge(self, data: bytes) -> bytes:
+        await self._context.write(npb.AttestResponse(challenge=data))
+        try:
+            message = await asyncio.wait_for(self._context.read(), ATTEST_STEP_TIMEOUT)
+        except TimeoutError:
+            raise AttestationError("no challenge response within the time allowed", "invalid_argument") from None
+        if message is grpc.aio.EOF or not message.HasField("challenge_response"):
+            raise AttestationError("expected an AttestRequest.challenge_response", "invalid_argument")
+        response: bytes = message.challenge_response
+        return response
+
+
+class NodeServicer(ngrpc.NodeServicer):
+    def __init__(
+        self,
+        *,
+        settings: NodeSettings,
+        datastore: Datastore,
+        authority: Authority,
+        attestors: Mapping[str, NodeAttestor],
+        peers: PeerLookup,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._td = settings.trust_domain
+        self._ds = datastore
+        self._ca = authority
+        self._attestors = dict(attestors)
+        self._peers = peers
+        self._clock = clock
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> AuthorizedAgent:
+        peer = self._peers.lookup(context.peer())
+        leaf = peer.leaf if peer is not None else None
+        return await asyncio.to_thread(authorize_agent, leaf, self._ds, self._td, self._clock())
+
+    async def _parents(self, agent: AttestedAgent) -> list[str]:
+        """The parent IDs whose entries this agent may use: itself plus the node aliases matching it."""
+        aliases = await asyncio.to_thread(self._ds.node_alias_entries_matching, agent.selectors)
+        now = self._clock()
+        return [agent.spiffe_id, *sorted({a.spiffe_id for a in aliases if entry_is_live(a, now)})]
+
+    def _sign_agent(self, key: PublicKey, agent_id: SpiffeId) -> list[x509.Certificate]:
+        return self._ca.sign_x509_svid(key, agent_id, self._settings.agent_ttl)
+
+    def _agent_svid(self, agent_id: SpiffeId, chain: Sequence[x509.Certificate]) -> npb.AgentSvid:
+        return npb.AgentSvid(
+            spiffe_id=str(agent_id),
+            cert_chain=certificates_to_der(chain),
+            expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+        )
+
+    # -------------------------------------------------------------------------------------------- Attest
+
+    async def Attest(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            await self._attest(context)
+        except grpc.aio.AbortError:
+            raise
+        except AttestationError as exc:
+            log.info("attestation refused: %s", exc, extra={"peer": context.peer()})
+            await context.abort(_REFUSAL_CODES[exc.kind], str(exc))
+        except ApiError as exc:
+            log.info("attestation refused: %s", exc.message, extra={"peer": context.peer()})
+            await context.abort(exc.code, exc.message)
+        except AgentBannedError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent is banned: {exc}")
+        except Exception:
+            log.exception("attestation failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error during attestation (see the server log)")
+
+    async def _attest(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), ATTEST_STEP_TIMEOUT)
+        except TimeoutError:
+            raise invalid("no AttestRequest.params within the time allowed") from None
+        if first is grpc.aio.EOF or not first.HasField("params"):
+            raise invalid("the first AttestRequest must carry params")
+        params = first.params
+        attestor = self._attestors.get(params.attestor)
+        if attestor is None:
+            known = ", ".join(sorted(self._attestors)) or "none"
+            raise invalid(f"unknown node attestor {params.attestor!r} (this server accepts: {known})")
+        # The CSR is checked before the attestor runs, so a bad CSR never spends a one-time join token.
+        key = _check_csr(params.csr, "agent CSR")
+        result = await attestor.attest(params.payload, _StreamChannel(context))
+        agent_id = result.agent_id
+        if not agent_id.member_of(self._td) or not agent_id.is_workload_id():
+            raise denied(f"attestor produced agent ID {agent_id} outside trust domain {self._td}")
+        try:
+            existing = await asyncio.to_thread(self._ds.get_agent, str(agent_id))
+        except NotFound:
+            existing = None
+        if existing is not None and existing.banned:
+            raise denied(f"agent {agent_id} is banned; an operator must evict it before it can attest again")
+        chain = await asyncio.to_thread(self._sign_agent, key, agent_id)
+        leaf = chain[0]
+        await asyncio.to_thread(
+            self._ds.upsert_agent,
+            AttestedAgent(
+                spiffe_id=str(agent_id),
+                attestor=attestor.name,
+                selectors=result.selectors,
+                serial=serial_hex(leaf),
+                expires_at=int(leaf.not_valid_after_utc.timestamp()),
+                reattestable=result.reattestable,
+            ),
+        )
+        bundle = await asyncio.to_thread(self._ca.trust_bundle)
+        log.info("agent attested", extra={"agent_id": str(agent_id), "attestor": attestor.name})
+        await context.write(
+            npb.AttestResponse(
+                result=npb.AttestResult(
+                    svid=self._agent_svid(agent_id, chain),
+                    node_selectors=selectors_to_proto(result.selectors),
+                    trust_bundle=bundle.to_document(),
+                    reattestable=result.reattestable,
+                )
+            )
+        )
+
+    # ---------------------------------------------------------------------------------------- RenewAgent
+
+    @handle_errors
+    async def RenewAgent(
+        self, request: npb.RenewAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> npb.RenewAgentResponse:
+        caller = await self._caller(context)
+        key = _check_csr(request.csr, "agent CSR")
+        chain = await asyncio.to_thread(self._sign_agent, key, caller.spiffe_id)
+        leaf = chain[0]
+        await asyncio.to_thread(
+            self._ds.set_agent_serial,
+            str(caller.spiffe_id),
+            serial_hex(leaf),
+            int(leaf.not_valid_after_utc.timestamp()),
+            expected_serial=caller.agent.serial,
+        )
+        log.info("agent SVID renewed", extra={"agent_id": str(caller.spiffe_id)})
+        return npb.RenewAgentResponse(svid=self._agent_svid(caller.spiffe_id, chain))
+
+    # ---------------------------------------------------------------------------------------------- Sync
+
+    @handle_errors
+    async def Sync(self, request: npb.SyncRequest, context: grpc.aio.ServicerContext[Any, Any]) -> npb.SyncResponse:
+        caller = await self._caller(context)
+        parents = await self._parents(caller.agent)
+        revisions = await asyncio.to_thread(self._ds.revisions)
+        response = npb.SyncResponse()
+        held = request.entries_revision
+        full = bool(request.page_token) or held == 0 or revisions.node_aliases > held or held > revisions.entries
+        if not full:
+            changes = await asyncio.to_thread(
+                self._ds.entries_changed_since, parents, held, max_changes=MAX_INCREMENTAL_CHANGES
+            )
+            if changes.full_sync_required:
+                full = True
+            else:
+                response.entries.extend(entry_to_proto(e) for e in changes.upserts)
+                response.removed_entry_ids.extend(changes.removed_ids)
+                response.entries_revision = changes.revision
+        if full:
+            page = await asyncio.to_thread(
+                self._ds.entries_for_parents, parents, page_size=SYNC_PAGE_SIZE, page_token=request.page_token
+            )
+            response.full = True
+            response.entries.extend(entry_to_proto(e) for e in page.items)
+            response.entries_revision = page.revision
+            response.next_page_token = page.next_page_token
+        if request.bundles_revision != revisions.bundles or request.bundles_revision == 0:
+            for bundle in await asyncio.to_thread(self._ds.list_bundles):
+                response.bundles["spiffe://" + bundle.trust_domain] = bundle.document
+        response.bundles_revision = revisions.bundles
+        tainted = await asyncio.to_thread(self._ca.tainted_key_ids)
+        response.tainted_authorities.extend(tainted)
+        response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted)
+        return response
+
+    # --------------------------------------------------------------------------------- BatchSignX509SVID
+
+    async def _authorized_entries(
+        self, caller: AuthorizedAgent, entry_ids: Sequence[str]
+    ) -> dict[str, RegistrationEntry]:
+        if any(not entry_id for entry_id in entry_ids):
+            raise invalid("entry_id is required in every request")
+        entries = await asyncio.to_thread(self._ds.get_entries, list(dict.fromkeys(entry_ids)))
+        parents = set(await self._parents(caller.agent))
+        for entry_id in entry_ids:
+            entry = entries.get(entry_id)
+            if entry is not None and (entry.parent_id not in parents or entry.node):
+                raise denied(f"entry {entry_id} is not authorized for agent {caller.spiffe_id}")
+        now = self._clock()
+        for entry_id in entry_ids:
+            entry = entries.get(entry_id)
+            if entry is None:
+                raise not_found(f"entry {entry_id} does not exist (sync again)")
+            if not entry_is_live(entry, now):
+                raise not_found(f"entry {entry_id} has expired")
+        return entries
+
+    @handle_errors
+    async def BatchSignX509SVID(
+        self, request: npb.BatchSignX509SVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> npb.BatchSignX509SVIDResponse:
+        caller = await self._caller(context)
+        count = len(request.requests)
+        if count > MAX_BATCH:
+            raise invalid(f"batch holds {count} CSRs; at most {MAX_BATCH} per call")
+        entries = await self._authorized_entries(caller, [r.entry_id for r in request.requests])
+        results = await asyncio.to_thread(self._sign_batch, list(request.requests), entries)
+        log.debug("signed %d X509-SVIDs", len(results), extra={"agent_id": str(caller.spiffe_id)})
+        return npb.BatchSignX509SVIDResponse(results=results)
+
+    def _sign_batch(
+        self, requests: Sequence[npb.X509SignRequest], entries: Mapping[str, RegistrationEntry]
+    ) -> list[npb.X509SignResult]:
+        keys: list[PublicKey] = []
+        for req in requests:  # every CSR is checked before anything is signed: all or nothing
+            keys.append(_check_csr(req.csr, f"entry {req.entry_id}"))
+        results: list[npb.X509SignResult] = []
+        for req, key in zip(requests, keys, strict=True):
+            entry = entries[req.entry_id]
+            ttl = entry.x509_svid_ttl or self._settings.default_x509_svid_ttl
+            chain = self._ca.sign_x509_svid(key, SpiffeId.parse(entry.spiffe_id), ttl, dns_names=entry.dns_names)
+            results.append(
+                npb.X509SignResult(
+                    entry_id=req.entry_id,
+                    cert_chain=certificates_to_der(chain),
+                    expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+                )
+            )
+        return results
+
+    # --------------------------------------------------------------------------------------- MintJWTSVID
+
+    @handle_errors
+    async def MintJWTSVID(
+        self, request: npb.MintJWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> npb.MintJWTSVIDResponse:
+        caller = await self._caller(context)
+        audience = list(request.audience)
+        if not audience:
+            raise invalid("audience is required (at least one)")
+        if len(audience) > MAX_AUDIENCES:
+            raise invalid(f"at most {MAX_AUDIENCES} audiences per JWT-SVID")
+        for aud in audience:
+            if not aud or len(aud.encode()) > MAX_AUDIENCE_BYTES:
+                raise invalid(f"audience values must be non-empty and at most {MAX_AUDIENCE_BYTES} bytes")
+        entry = (await self._authorized_entries(caller, [request.entry_id]))[request.entry_id]
+        ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
+        token, expires = await asyncio.to_thread(self._ca.mint_jwt_svid, SpiffeId.parse(entry.spiffe_id), audience, ttl)
+        return npb.MintJWTSVIDResponse(token=token, expires_at=int(expires.timestamp()))
+
+
+def _issued_by_tainted(leaf: x509.Certificate, tainted: Sequence[str]) -> bool:
+    if not tainted:
+        return False
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return False
+    return aki is not None and aki.hex() in tainted
+
+
+__all__ = ["MAX_BATCH", "NodeServicer", "NodeSettings"]

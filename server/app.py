@@ -1,0 +1,443 @@
+"""The running server: datastore, CA, node API (TLS) and admin API (Unix socket), and their upkeep.
+
+Start-up checks everything before it serves (data dir writable, datastore migrated, CA loaded or created,
+upstream authority valid); any failure is one clear line and exit status 1. Once up, a maintenance loop ticks
+the CA (rotation), publishes the trust bundle to the datastore (which agents sync), renews the server's own
+SVID at half life (swapping the TLS context so new connections use it; the client roots follow the bundle
+the same way), and prunes expired entries, join tokens and old tombstones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from tessera.proto import admin_pb2, node_pb2
+from tessera.proto import admin_pb2_grpc as agrpc
+from tessera.proto import node_pb2_grpc as ngrpc
+from tessera.sdk.config import ConfigError, load_settings
+from tessera.sdk.errors import TesseraError
+from tessera.sdk.keys import PrivateKey, generate_key
+from tessera.sdk.logs import setup_logging
+from tessera.sdk.x509profile import build_x509_svid
+from tessera.server.api.admin import AdminServicer, AdminSettings
+from tessera.server.api.authority import CaManagerAuthority
+from tessera.server.api.node import NodeServicer, NodeSettings
+from tessera.server.api.tls_front import PeerRegistry, TlsFront, build_server_context
+from tessera.server.attestation.base import NodeAttestor
+from tessera.server.attestation.join_token import JoinTokenAttestor
+from tessera.server.attestation.x509pop import X509PopAttestor, load_ca_bundle
+from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.upstream import UpstreamAuthority
+from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
+from tessera.server.datastore import Datastore, open_datastore
+from tessera.server.errors import NotFound, ServerError
+
+log = logging.getLogger("tessera.server")
+
+MAINTENANCE_INTERVAL = 1.0
+PRUNE_INTERVAL = 60.0
+TOMBSTONE_RETENTION = 7 * 86400
+SHUTDOWN_GRACE = 5.0
+NODE_SERVICE = "tessera.node.v1.Node"
+ADMIN_SERVICE = "tessera.admin.v1.Admin"
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
+
+class StartupError(ServerError):
+    """The server cannot start (message is the one line the operator sees)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSvid:
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKey
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def due_for_renewal(self, now: dt.datetime) -> bool:
+        start, end = self.leaf.not_valid_before_utc, self.leaf.not_valid_after_utc
+        return now >= start + (end - start) / 2
+
+
+def _check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"data_dir {path}: cannot create it: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise StartupError(f"data_dir {path} is not a directory")
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data_dir {path} is not writable: {exc.strerror or exc}") from None
+
+
+def _prepare_socket(path: Path) -> None:
+    """Creates the socket's directory 0700 and removes a stale socket (refusing when a server is live)."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise StartupError(f"socket: cannot create directory {directory}: {exc.strerror or exc}") from None
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens
+        else:
+            raise StartupError(f"socket {path} is in use: another tessera-server is running")
+        finally:
+            probe.close()
+
+
+class ServerApp:
+    """One server instance. ``await start()``, then ``await wait()`` (or ``stop()``)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.node_port = 0
+        self._stop = asyncio.Event()
+        self._ds: Datastore | None = None
+        self._ca: CaManager | None = None
+        self._authority: CaManagerAuthority | None = None
+        self._svid: ServerSvid | None = None
+        self._published_sequence = -1
+        self._last_prune = 0.0
+        self._registry = PeerRegistry()
+        self._front: TlsFront | None = None
+        self._inner: grpc.aio.Server | None = None
+        self._admin: grpc.aio.Server | None = None
+        self._health: list[HealthServicer] = []
+        self._private_dir: Path | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def datastore(self) -> Datastore:
+        assert self._ds is not None
+        return self._ds
+
+    @property
+    def ca(self) -> CaManager:
+        assert self._ca is not None
+        return self._ca
+
+    @property
+    def server_svid(self) -> ServerSvid:
+        assert self._svid is not None
+        return self._svid
+
+    # ------------------------------------------------------------------------------------------ start-up
+
+    def _open_state(self) -> None:
+        cfg = self.config
+        _check_data_dir(cfg.data_dir)
+        upstream = None
+        if cfg.upstream_authority_cert is not None and cfg.upstream_authority_key is not None:
+            upstream = UpstreamAuthority.load(
+                cfg.upstream_authority_cert, cfg.upstream_authority_key, cfg.upstream_authority_bundle
+            )
+        self._ds = open_datastore(cfg.datastore or None, data_dir=cfg.data_dir)
+        ca_config = CaConfig(
+            ca_key_kind=cfg.ca_key_type,
+            ca_ttl=dt.timedelta(seconds=cfg.ca_ttl),
+            x509_svid_ttl=dt.timedelta(seconds=cfg.default_x509_svid_ttl),
+            max_x509_svid_ttl=dt.timedelta(seconds=max(cfg.ca_ttl, cfg.default_x509_svid_ttl)),
+            jwt_svid_ttl=dt.timedelta(seconds=cfg.default_jwt_svid_ttl),
+            max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
+        )
+        self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
+        self._authority = CaManagerAuthority(self._ca)
+        self._publish_bundle()
+        self._svid = self._issue_server_svid()
+
+    def _attestors(self) -> dict[str, NodeAttestor]:
+        cfg = self.config
+        attestors: dict[str, NodeAttestor] = {"join_token": JoinTokenAttestor(self.datastore, cfg.trust_domain)}
+        if cfg.x509pop_ca_bundle:
+            try:
+                roots = load_ca_bundle(cfg.x509pop_ca_bundle)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"x509pop_ca_bundle: {exc}") from None
+            attestors["x509pop"] = X509PopAttestor(cfg.trust_domain, roots)
+        return attestors
+
+    def _issue_server_svid(self) -> ServerSvid:
+        """The node listener's own SVID, signed by the active CA; DNS SANs from config, IP SAN for an IP bind."""
+        cfg = self.config
+        authority = self.ca.active_x509_authority
+        if authority is None:
+            raise StartupError("the CA has no active authority; cannot issue the server SVID")
+        key = generate_key("ec-p256")
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        not_after = min(now + dt.timedelta(seconds=cfg.default_x509_svid_ttl), authority.lifetime.not_after)
+        ip = cfg.bind_ip
+        ips = [ip] if ip is not None and not ip.is_unspecified else []
+        leaf = build_x509_svid(
+            public_key=key.public_key(),
+            spiffe_id=cfg.trust_domain.spiffe_id("tessera", "server"),
+            issuer_cert=authority.certificate,
+            issuer_key=authority.key.signer,
+            not_before=now - dt.timedelta(seconds=10),
+            not_after=not_after,
+            dns_names=list(cfg.dns_names),
+            ip_addresses=ips,
+        )
+        return ServerSvid(chain=(leaf, *authority.chain_from_ca), key=key)
+
+    def _publish_bundle(self) -> bool:
+        """Writes the CA's bundle to the datastore when it changed; True when it did."""
+        sequence = self.ca.bundle_sequence
+        if sequence == self._published_sequence:
+            return False
+        document = self.ca.bundle().to_document()
+        td = self.config.trust_domain.name
+        try:
+            stored = self.datastore.get_bundle(td).document
+        except NotFound:
+            stored = None
+        if stored != document:
+            self.datastore.set_bundle(td, document)
+            log.info("trust bundle published", extra={"sequence": sequence})
+        self._published_sequence = sequence
+        return True
+
+    def _tls_context(self) -> ssl.SSLContext:
+        svid = self.server_svid
+        return build_server_context(svid.chain, svid.key, self.ca.bundle_x509_authorities())
+
+    async def start(self) -> None:
+        cfg = self.config
+        await asyncio.to_thread(self._open_state)
+        try:
+            await self._start_servers()
+        except BaseException:
+            await self.stop()
+            raise
+        self._maintenance = asyncio.create_task(self._maintain(), name="tessera-server-maintenance")
+        log.info(
+            "tessera-server ready: node API on %s (TLS), admin API on %s, trust domain %s",
+            f"{cfg.bind_host}:{self.node_port}",
+            cfg.socket_path,
+            cfg.trust_domain,
+            extra={"node_port": self.node_port},
+        )
+
+    async def _start_servers(self) -> None:
+        cfg = self.config
+        assert self._authority is not None
+        attestors = self._attestors()
+        node = NodeServicer(
+            settings=NodeSettings(
+                trust_domain=cfg.trust_domain,
+                agent_ttl=cfg.agent_ttl,
+                default_x509_svid_ttl=cfg.default_x509_svid_ttl,
+                default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
+            ),
+            datastore=self.datastore,
+            authority=self._authority,
+            attestors=attestors,
+            peers=self._registry,
+        )
+        admin = AdminServicer(
+            settings=AdminSettings(trust_domain=cfg.trust_domain, join_token_ttl=cfg.join_token_ttl),
+            datastore=self.datastore,
+            authority=self._authority,
+            on_ca_change=self._after_ca_change,
+        )
+        # The node API's gRPC server listens only on a private socket; the TLS front relays to it.
+        self._private_dir = Path(tempfile.mkdtemp(prefix="tessera-server-", dir="/tmp"))
+        os.chmod(self._private_dir, 0o700)
+        inner_socket = self._private_dir / "node.sock"
+        self._inner = grpc.aio.server(options=GRPC_OPTIONS)
+        ngrpc.add_NodeServicer_to_server(node, self._inner)  # type: ignore[no-untyped-call]
+        self._add_health_and_reflection(self._inner, [NODE_SERVICE, node_pb2.DESCRIPTOR.services_by_name["Node"]])
+        self._inner.add_insecure_port(f"unix:{inner_socket}")
+        await self._inner.start()
+
+        _prepare_socket(cfg.socket_path)
+        self._admin = grpc.aio.server(options=GRPC_OPTIONS)
+        agrpc.add_AdminServicer_to_server(admin, self._admin)  # type: ignore[no-untyped-call]
+        self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, admin_pb2.DESCRIPTOR.services_by_name["Admin"]])
+        old_umask = os.umask(0o177)  # the socket file itself: owner only
+        try:
+            self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
+        finally:
+            os.umask(old_umask)
+        await self._admin.start()
+
+        self._front = TlsFront(inner_socket, self._registry, self._tls_context())
+        try:
+            self.node_port = await self._front.start(cfg.bind_host, cfg.bind_port, self._tls_context())
+        except OSError as exc:
+            raise StartupError(f"bind_address {cfg.bind_address}: cannot listen: {exc.strerror or exc}") from None
+
+    def _add_health_and_reflection(self, server: grpc.aio.Server, services: list[Any]) -> None:
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        self._health.append(health)
+        name = services[0]
+        names = (name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for health in self._health:
+            await health.set("", status)
+            await health.set(NODE_SERVICE, status)
+            await health.set(ADMIN_SERVICE, status)
+
+    # ------------------------------------------------------------------------------------------- upkeep
+
+    def _after_ca_change(self) -> None:
+        """After a forced prepare/activate: publish the bundle and refresh TLS at once, not at the next tick."""
+        self._maintenance_step(force_svid=True)
+
+    def _maintenance_step(self, force_svid: bool = False) -> None:
+        with self._lock:
+            now = dt.datetime.now(dt.UTC)
+            for event in self.ca.tick(now):
+                log.info("CA rotation: %s %s %s", event.kind, event.action.name.lower(), ",".join(event.ids))
+            bundle_changed = self._publish_bundle()
+            svid_changed = False
+            active = self.ca.active_x509_authority
+            svid = self.server_svid
+            issuer_gone = (
+                active is None
+                or svid.chain[1:] != active.chain_from_ca
+                or not _signed_by(svid.leaf, active.certificate)
+            )
+            if force_svid or svid.due_for_renewal(now) or (issuer_gone and active is not None):
+                self._svid = self._issue_server_svid()
+                svid_changed = True
+                log.info("server SVID renewed", extra={"expires_at": self._svid.leaf.not_valid_after_utc.isoformat()})
+            if (bundle_changed or svid_changed) and self._front is not None:
+                self._front.set_context(self._tls_context())
+            if time.time() - self._last_prune >= PRUNE_INTERVAL:
+                self._last_prune = time.time()
+                self._prune(int(self._last_prune))
+
+    def _prune(self, now: int) -> None:
+        ds = self.datastore
+        expired = ds.prune_expired_entries(now)
+        if expired:
+            log.info("pruned %d expired entries", len(expired))
+        ds.prune_join_tokens(now)
+        ds.prune_tombstones(now - TOMBSTONE_RETENTION)
+
+    async def _maintain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.to_thread(self._maintenance_step)
+            except Exception:
+                log.exception("maintenance step failed (will retry)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), MAINTENANCE_INTERVAL)
+
+    # ------------------------------------------------------------------------------------------ running
+
+    async def serve_ready(self) -> None:
+        await self._set_health(True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await self._set_health(False)
+        if self._maintenance is not None:
+            with contextlib.suppress(Exception):
+                await self._maintenance
+        if self._front is not None:
+            await self._front.close()
+        for server in (self._inner, self._admin):
+            if server is not None:
+                await server.stop(SHUTDOWN_GRACE)
+        self._inner = self._admin = None
+        with contextlib.suppress(OSError):
+            if self.config.socket_path.is_socket():
+                self.config.socket_path.unlink()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+        if self._ds is not None:
+            self._ds.close()
+            self._ds = None
+
+
+def _signed_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, Exception):
+        return False
+    return True
+
+
+async def run_server(config: ServerConfig) -> None:
+    app = ServerApp(config)
+    await app.start()
+    await app.serve_ready()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop)
+    try:
+        await app.wait()
+        log.info("shutting down")
+    finally:
+        await app.stop()
+        log.info("tessera-server stopped")
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """`tessera-server run`: configuration, logging, then serve until SIGTERM/SIGINT."""
+    try:
+        values = load_settings("server", SETTINGS, args.config, vars(args))
+        config = build_config(values)
+    except ConfigError as exc:
+        print(f"tessera-server: configuration error: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(run_server(config))
+    except (TesseraError, OSError) as exc:
+        message = str(exc) if isinstance(exc, TesseraError) else (exc.strerror or str(exc))
+        log.error("cannot run: %s", message)
+        print(f"tessera-server: error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,510 @@
+"""`tessera-server`: run the server, or administer a running one over its admin socket.
+
+Every admin command is a thin client of the admin API (proto/tessera/admin.proto) on the Unix socket; the
+server does all validation, so the CLI and any other client get the same answers. Errors are one line on
+stderr and exit status 1 (2 for usage errors, from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tessera.proto import admin_pb2 as apb
+from tessera.proto import admin_pb2_grpc as agrpc
+from tessera.proto import node_pb2 as npb
+from tessera.sdk.config import ConfigError, add_arguments, parse_duration
+from tessera.server.config import DEFAULT_SOCKET, SETTINGS
+
+RPC_TIMEOUT = 30.0
+
+
+class CliError(Exception):
+    """A one-line failure reported to the operator."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def _channel(socket_path: str) -> grpc.Channel:
+    path = Path(socket_path)
+    if not path.exists():
+        _fail(f"admin socket {socket_path} does not exist (is tessera-server running? use --socket PATH)")
+    return grpc.insecure_channel("unix:" + str(path.absolute()))
+
+
+def _call(socket_path: str, method: str, request: Any) -> Any:
+    with _channel(socket_path) as channel:
+        stub = agrpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                _fail(f"cannot reach tessera-server on {socket_path}: {exc.details()}")
+            _fail(f"{code.name.lower()}: {exc.details()}")
+
+
+# -------------------------------------------------------------------------------------------- formatting
+
+
+def _ts(value: int) -> str:
+    if not value:
+        return "never"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _selectors(selectors: Sequence[npb.Selector]) -> list[str]:
+    return [f"{s.type}:{s.value}" for s in selectors]
+
+
+def entry_to_dict(entry: npb.Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "spiffe_id": entry.spiffe_id,
+        "parent_id": entry.parent_id,
+        "selectors": _selectors(entry.selectors),
+        "x509_svid_ttl": entry.x509_svid_ttl,
+        "jwt_svid_ttl": entry.jwt_svid_ttl,
+        "dns_names": list(entry.dns_names),
+        "hint": entry.hint,
+        "admin": entry.admin,
+        "downstream": entry.downstream,
+        "federates_with": list(entry.federates_with),
+        "expires_at": entry.expires_at,
+        "revision": entry.revision,
+        "created_at": entry.created_at,
+        "node": entry.node,
+    }
+
+
+def _entry_text(entry: npb.Entry) -> str:
+    lines = [
+        f"Entry ID         : {entry.id}",
+        f"SPIFFE ID        : {entry.spiffe_id}",
+        f"Parent ID        : {entry.parent_id}",
+        f"Revision         : {entry.revision}",
+        f"X509-SVID TTL    : {entry.x509_svid_ttl or 'default'}",
+        f"JWT-SVID TTL     : {entry.jwt_svid_ttl or 'default'}",
+    ]
+    lines += [f"Selector         : {s}" for s in _selectors(entry.selectors)]
+    lines += [f"DNS name         : {n}" for n in entry.dns_names]
+    lines += [f"FederatesWith    : {td}" for td in entry.federates_with]
+    if entry.hint:
+        lines.append(f"Hint             : {entry.hint}")
+    if entry.expires_at:
+        lines.append(f"Expires at       : {_ts(entry.expires_at)}")
+    for flag in ("admin", "downstream", "node"):
+        if getattr(entry, flag):
+            lines.append(f"{flag.capitalize():<17}: true")
+    return "\n".join(lines)
+
+
+def agent_to_dict(agent: apb.Agent) -> dict[str, Any]:
+    return {
+        "spiffe_id": agent.spiffe_id,
+        "attestor": agent.attestor,
+        "node_selectors": _selectors(agent.node_selectors),
+        "serial": agent.serial,
+        "expires_at": agent.expires_at,
+        "banned": agent.banned,
+        "created_at": agent.created_at,
+        "updated_at": agent.updated_at,
+        "reattestable": agent.reattestable,
+    }
+
+
+def _agent_text(agent: apb.Agent) -> str:
+    lines = [
+        f"SPIFFE ID        : {agent.spiffe_id}",
+        f"Attestor         : {agent.attestor}",
+        f"Serial           : {agent.serial}",
+        f"Expires at       : {_ts(agent.expires_at)}",
+        f"Banned           : {str(agent.banned).lower()}",
+        f"Can re-attest    : {str(agent.reattestable).lower()}",
+    ]
+    lines += [f"Selector         : {s}" for s in _selectors(agent.node_selectors)]
+    return "\n".join(lines)
+
+
+def slot_to_dict(slot: apb.CASlot) -> dict[str, Any]:
+    return {
+        "kind": slot.kind,
+        "state": slot.state,
+        "key_id": slot.key_id,
+        "key_type": slot.key_type,
+        "not_before": slot.not_before,
+        "not_after": slot.not_after,
+        "tainted": slot.tainted,
+    }
+
+
+def _slots_text(slots: Sequence[apb.CASlot]) -> str:
+    rows = [
+        f"{s.kind:<5} {s.state:<9} {s.key_id}  {s.key_type or '-':<9} {_ts(s.not_before)} .. {_ts(s.not_after)}"
+        + ("  TAINTED" if s.tainted else "")
+        for s in slots
+    ]
+    return "\n".join(rows) if rows else "no CA slots"
+
+
+def _emit(args: argparse.Namespace, as_json: Any, text: str) -> None:
+    if args.output == "json":
+        print(json.dumps(as_json, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+def _duration_seconds(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return round(parse_duration(value, flag))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _parse_selector(text: str) -> npb.Selector:
+    kind, sep, value = text.partition(":")
+    if not sep or not kind or not value:
+        _fail(f"--selector: {text!r} is not TYPE:VALUE (e.g. unix:uid:1000)")
+    return npb.Selector(type=kind, value=value)
+
+
+def _parse_expires_at(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"--expires-at: {text!r} is not an ISO 8601 date-time (e.g. 2030-01-01T00:00:00Z)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())
+
+
+def _apply_entry_flags(entry: npb.Entry, args: argparse.Namespace) -> None:
+    if args.spiffe_id is not None:
+        entry.spiffe_id = args.spiffe_id
+    if args.parent_id is not None:
+        entry.parent_id = args.parent_id
+    if args.selector:
+        del entry.selectors[:]
+        entry.selectors.extend(_parse_selector(s) for s in args.selector)
+    x509_ttl = _duration_seconds(args.x509_svid_ttl, "--x509-svid-ttl")
+    if x509_ttl is not None:
+        entry.x509_svid_ttl = x509_ttl
+    jwt_ttl = _duration_seconds(args.jwt_svid_ttl, "--jwt-svid-ttl")
+    if jwt_ttl is not None:
+        entry.jwt_svid_ttl = jwt_ttl
+    if args.dns_name:
+        del entry.dns_names[:]
+        entry.dns_names.extend(args.dns_name)
+    if args.hint is not None:
+        entry.hint = args.hint
+    for flag in ("admin", "downstream", "node"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(entry, flag, value)
+    if args.federates_with:
+        del entry.federates_with[:]
+        entry.federates_with.extend(args.federates_with)
+    expires = _parse_expires_at(args.expires_at)
+    if expires is not None:
+        entry.expires_at = expires
+
+
+def cmd_entry_create(args: argparse.Namespace) -> None:
+    entry = npb.Entry()
+    _apply_entry_flags(entry, args)
+    created = _call(args.socket, "CreateEntry", apb.CreateEntryRequest(entry=entry)).entry
+    _emit(args, entry_to_dict(created), created.id)
+
+
+def cmd_entry_update(args: argparse.Namespace) -> None:
+    entry = _call(args.socket, "GetEntry", apb.GetEntryRequest(id=args.id)).entry
+    _apply_entry_flags(entry, args)
+    updated = _call(args.socket, "UpdateEntry", apb.UpdateEntryRequest(entry=entry)).entry
+    _emit(args, entry_to_dict(updated), _entry_text(updated))
+
+
+def cmd_entry_delete(args: argparse.Namespace) -> None:
+    _call(args.socket, "DeleteEntry", apb.DeleteEntryRequest(id=args.id))
+    _emit(args, {"deleted": args.id}, f"deleted entry {args.id}")
+
+
+def cmd_entry_show(args: argparse.Namespace) -> None:
+    if args.id:
+        entries = [_call(args.socket, "GetEntry", apb.GetEntryRequest(id=args.id)).entry]
+    else:
+        entries = []
+        request = apb.ListEntriesRequest(
+            spiffe_id=args.spiffe_id or "",
+            parent_id=args.parent_id or "",
+            selectors=[_parse_selector(s) for s in args.selector or ()],
+        )
+        while True:
+            response = _call(args.socket, "ListEntries", request)
+            entries.extend(response.entries)
+            if not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+    text = "\n\n".join(_entry_text(e) for e in entries)
+    _emit(
+        args,
+        [entry_to_dict(e) for e in entries],
+        f"Found {len(entries)} entries\n" + text if entries else "Found 0 entries",
+    )
+
+
+def cmd_token_generate(args: argparse.Namespace) -> None:
+    ttl = _duration_seconds(args.ttl, "--ttl") or 0
+    response = _call(
+        args.socket, "CreateJoinToken", apb.CreateJoinTokenRequest(ttl=ttl, spiffe_id=args.spiffe_id or "")
+    )
+    _emit(
+        args,
+        {
+            "token": response.token,
+            "id": response.id,
+            "expires_at": response.expires_at,
+            "spiffe_id": response.spiffe_id,
+        },
+        response.token,
+    )
+
+
+def _list_agents(socket_path: str) -> list[apb.Agent]:
+    agents: list[apb.Agent] = []
+    request = apb.ListAgentsRequest(page_size=500)
+    while True:
+        response = _call(socket_path, "ListAgents", request)
+        agents.extend(response.agents)
+        if not response.next_page_token:
+            return agents
+        request.page_token = response.next_page_token
+
+
+def cmd_agent_list(args: argparse.Namespace) -> None:
+    agents = _list_agents(args.socket)
+    text = f"Found {len(agents)} attested agents" + "".join("\n\n" + _agent_text(a) for a in agents)
+    _emit(args, [agent_to_dict(a) for a in agents], text)
+
+
+def cmd_agent_show(args: argparse.Namespace) -> None:
+    agent = _call(args.socket, "GetAgent", apb.GetAgentRequest(spiffe_id=args.spiffe_id)).agent
+    _emit(args, agent_to_dict(agent), _agent_text(agent))
+
+
+def cmd_agent_evict(args: argparse.Namespace) -> None:
+    _call(args.socket, "EvictAgent", apb.EvictAgentRequest(spiffe_id=args.spiffe_id))
+    _emit(args, {"evicted": args.spiffe_id}, f"evicted agent {args.spiffe_id}")
+
+
+def cmd_agent_ban(args: argparse.Namespace) -> None:
+    _call(args.socket, "BanAgent", apb.BanAgentRequest(spiffe_id=args.spiffe_id))
+    _emit(args, {"banned": args.spiffe_id}, f"banned agent {args.spiffe_id}")
+
+
+def _format(value: str) -> apb.BundleFormat:
+    return apb.BundleFormat.BUNDLE_FORMAT_SPIFFE if value == "spiffe" else apb.BundleFormat.BUNDLE_FORMAT_PEM
+
+
+def cmd_bundle_show(args: argparse.Namespace) -> None:
+    response = _call(args.socket, "GetBundle", apb.GetBundleRequest(format=_format(args.format)))
+    data = response.data.decode()
+    if args.output == "json":
+        payload: Any = {"trust_domain": response.trust_domain, "format": args.format, "data": data}
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(data if data.endswith("\n") else data + "\n")
+
+
+def cmd_bundle_list(args: argparse.Namespace) -> None:
+    bundles = _call(args.socket, "ListFederatedBundles", apb.ListFederatedBundlesRequest()).bundles
+    as_json = [
+        {
+            "trust_domain": b.trust_domain,
+            "x509_authorities": b.x509_authorities,
+            "jwt_authorities": b.jwt_authorities,
+            "document": json.loads(b.document or b"{}"),
+        }
+        for b in bundles
+    ]
+    rows = [f"spiffe://{b.trust_domain}  x509={b.x509_authorities} jwt={b.jwt_authorities}" for b in bundles]
+    _emit(args, as_json, "\n".join(rows) if rows else "no federated bundles")
+
+
+def cmd_bundle_set(args: argparse.Namespace) -> None:
+    try:
+        data = Path(args.path).read_bytes()
+    except OSError as exc:
+        _fail(f"--path: cannot read {args.path}: {exc.strerror}")
+    response = _call(
+        args.socket,
+        "SetFederatedBundle",
+        apb.SetFederatedBundleRequest(id=args.id, data=data, format=_format(args.format)),
+    )
+    b = response.bundle
+    _emit(
+        args,
+        {"trust_domain": b.trust_domain, "x509_authorities": b.x509_authorities, "jwt_authorities": b.jwt_authorities},
+        f"set bundle of spiffe://{b.trust_domain} ({b.x509_authorities} X.509, {b.jwt_authorities} JWT authorities)",
+    )
+
+
+def cmd_bundle_delete(args: argparse.Namespace) -> None:
+    _call(args.socket, "DeleteFederatedBundle", apb.DeleteFederatedBundleRequest(id=args.id))
+    _emit(args, {"deleted": args.id}, f"deleted bundle {args.id}")
+
+
+def _ca(method: str, request: Any) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        slots = _call(args.socket, method, request).slots
+        _emit(args, [slot_to_dict(s) for s in slots], _slots_text(slots))
+
+    return run
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> None:
+    with _channel(args.socket) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            _fail(f"tessera-server is not healthy: {exc.code().name.lower()}: {exc.details()}")
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        _fail(f"tessera-server is not serving (status {status})")
+    if args.output == "json":
+        print(json.dumps({"status": "SERVING"}))
+    else:
+        print("tessera-server is healthy")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from tessera.server.app import main_run  # imported late: admin commands need none of the server
+
+    raise SystemExit(main_run(args))
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _admin_parser(
+    sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], None]
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument(
+        "--socket", default=DEFAULT_SOCKET, metavar="PATH", help=f"admin socket (default {DEFAULT_SOCKET})"
+    )
+    parser.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _entry_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spiffe-id", help="SPIFFE ID the entry issues")
+    parser.add_argument("--parent-id", help="SPIFFE ID of the agent (or node alias) the entry belongs to")
+    parser.add_argument("--selector", action="append", metavar="TYPE:VALUE", help="selector (repeat; all must match)")
+    parser.add_argument("--x509-svid-ttl", metavar="D", help="X509-SVID life, e.g. 1h")
+    parser.add_argument("--jwt-svid-ttl", metavar="D", help="JWT-SVID life, e.g. 5m")
+    parser.add_argument("--dns-name", action="append", metavar="N", help="DNS SAN (repeat)")
+    parser.add_argument("--hint", help="hint shown to workloads holding several SVIDs")
+    parser.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None, help="admin workload")
+    parser.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=None, help="downstream entry")
+    parser.add_argument(
+        "--federates-with", action="append", metavar="TD", help="trust domain to federate with (repeat)"
+    )
+    parser.add_argument("--expires-at", metavar="ISO8601", help="when the entry stops issuing")
+    parser.add_argument(
+        "--node", action=argparse.BooleanOptionalAction, default=None, help="node alias entry (parent is the server)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera-server", description="Tessera SPIFFE server")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the server", description="Runs the server in the foreground.")
+    add_arguments(run, SETTINGS)
+    run.set_defaults(func=cmd_run)
+
+    entry = commands.add_parser("entry", help="registration entries").add_subparsers(dest="sub", required=True)
+    p = _admin_parser(entry, "create", "create a registration entry and print its id", cmd_entry_create)
+    _entry_flags(p)
+    p = _admin_parser(entry, "show", "list registration entries", cmd_entry_show)
+    p.add_argument("--id")
+    p.add_argument("--spiffe-id")
+    p.add_argument("--parent-id")
+    p.add_argument("--selector", action="append", metavar="TYPE:VALUE")
+    p = _admin_parser(entry, "update", "update a registration entry", cmd_entry_update)
+    p.add_argument("--id", required=True)
+    _entry_flags(p)
+    p = _admin_parser(entry, "delete", "delete a registration entry", cmd_entry_delete)
+    p.add_argument("--id", required=True)
+
+    token = commands.add_parser("token", help="join tokens").add_subparsers(dest="sub", required=True)
+    p = _admin_parser(token, "generate", "print a one-time join token", cmd_token_generate)
+    p.add_argument("--spiffe-id", help="agent ID to give the node (default derived from the token id)")
+    p.add_argument("--ttl", metavar="D", help="token life (default from the server, 10m)")
+
+    agent = commands.add_parser("agent", help="attested agents").add_subparsers(dest="sub", required=True)
+    _admin_parser(agent, "list", "list attested agents", cmd_agent_list)
+    for name, func, text in (
+        ("show", cmd_agent_show, "show an agent"),
+        ("evict", cmd_agent_evict, "forget an agent (it may attest again)"),
+        ("ban", cmd_agent_ban, "refuse an agent from now on"),
+    ):
+        p = _admin_parser(agent, name, text, func)
+        p.add_argument("--spiffe-id", required=True)
+
+    bundle = commands.add_parser("bundle", help="trust bundles").add_subparsers(dest="sub", required=True)
+    p = _admin_parser(bundle, "show", "print this trust domain's bundle", cmd_bundle_show)
+    p.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    _admin_parser(bundle, "list", "list federated bundles", cmd_bundle_list)
+    p = _admin_parser(bundle, "set", "set a federated bundle", cmd_bundle_set)
+    p.add_argument("--id", required=True, metavar="spiffe://TD")
+    p.add_argument("--path", required=True, metavar="F")
+    p.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    p = _admin_parser(bundle, "delete", "delete a federated bundle", cmd_bundle_delete)
+    p.add_argument("--id", required=True, metavar="spiffe://TD")
+
+    ca = commands.add_parser("ca", help="the server CA").add_subparsers(dest="sub", required=True)
+    _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", apb.GetCARequest()))
+    _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", apb.PrepareCARequest()))
+    _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", apb.ActivateCARequest()))
+
+    p = _admin_parser(commands, "healthcheck", "exit 0 when the server is healthy", cmd_healthcheck)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"tessera-server: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
