@@ -72,10 +72,10 @@ def check_selector(selector: Selector) -> None:
     if len(selector.value.encode()) > MAX_VALUE_LENGTH:
         raise SelectorError(f"selector {selector.type}:... has a value longer than {MAX_VALUE_LENGTH} bytes")
     for part, name in ((selector.type, "type"), (selector.value, "value")):
-        if part != part.strip():
-            raise SelectorError(f"selector {selector} has leading or trailing whitespace in its {name}")
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in part):
             raise SelectorError(f"selector {selector.type}:... has a control character in its {name}")
+        if part != part.strip():
+            raise SelectorError(f"selector {selector} has leading or trailing whitespace in its {name}")
 
 
 def matches(required: Iterable[Selector], available: Iterable[Selector]) -> bool:
