@@ -112,7 +112,8 @@ class WorkloadEndpoint:
             self.socket_path, internal, f"{self._private_dir}/c", self.registry, proc_root=self._proc_root
         )
         await self.relay.start()
-        await self.set_serving(True)
+        # Health says SERVING once the cache holds a first sync (the daemon flips it; tests start ready).
+        await self.set_serving(self.servicer.cache.ready)
         log.info("Workload API listening on %s", self.socket_path)
 
     async def set_serving(self, serving: bool) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from tessera.agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""``tessera-agent run``: wires node identity, sync, cache and the Workload API endpoint together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tessera.agent.attestors import default_attestors
+from tessera.agent.cache import WorkloadCache
+from tessera.agent.endpoint.server import WorkloadEndpoint
+from tessera.agent.errors import NodeIdentityError, ServerUnavailableError
+from tessera.agent.node import NodeClient, NodeConfig
+from tessera.agent.rotation import backoff_delay
+from tessera.agent.sync import SyncLoop
+from tessera.sdk.config import ConfigError, Setting
+from tessera.sdk.errors import SpiffeIdError
+from tessera.sdk.spiffeid import TrustDomain
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/tmp/tessera-agent/public/api.sock"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("trust_domain", "str", required=True, help="trust domain served by the server, e.g. example.org"),
+    Setting("server_address", "list", required=True, help="server HOST:PORT, several comma separated (failover)"),
+    Setting("trust_bundle", "path", help="PEM CA certificates to trust the server (tessera-server bundle show)"),
+    Setting("insecure_bootstrap", "bool", False, help="trust whatever server answers first and pin its bundle"),
+    Setting("join_token", "str", help="one-time join token for the first node attestation"),
+    Setting("x509pop_cert", "path", help="host certificate chain (PEM) for x509pop node attestation"),
+    Setting("x509pop_key", "path", help="host private key (PEM) for x509pop node attestation"),
+    Setting("server_name", "str", help="TLS name to verify the server as (default: host of the address)"),
+    Setting("data_dir", "path", "./.tessera/agent", help="where the agent keeps its SVID and bundle"),
+    Setting("socket", "path", DEFAULT_SOCKET, help="Workload API socket path"),
+    Setting("sync_interval", "duration", 5.0, help="seconds between syncs with the server"),
+    Setting("sync_max_backoff", "duration", 300.0, help="longest wait between sync attempts while unreachable"),
+    Setting("x509_svid_cache_max_size", "int", 1000, help="soft cap on cached SVIDs no workload is watching"),
+    Setting("log_level", "str", "info", help="debug, info, warning or error"),
+    Setting("log_format", "str", "text", help="text or json"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    node: NodeConfig
+    socket: str
+    sync_interval: float
+    sync_max_backoff: float
+    cache_max: int
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> AgentSettings:
+        try:
+            td = TrustDomain.parse(values["trust_domain"])
+        except SpiffeIdError as exc:
+            raise ConfigError(f"trust_domain: {exc}") from exc
+        addresses = tuple(a.strip() for a in values["server_address"] if a.strip())
+        for address in addresses:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError(f"server_address: {address!r} is not HOST:PORT")
+        if values["trust_bundle"] and values["insecure_bootstrap"]:
+            raise ConfigError("trust_bundle: choose either --trust-bundle or --insecure-bootstrap, not both")
+        if bool(values["x509pop_cert"]) != bool(values["x509pop_key"]):
+            raise ConfigError("x509pop_cert: x509pop needs both --x509pop-cert and --x509pop-key")
+        if values["sync_interval"] <= 0:
+            raise ConfigError("sync_interval: must be positive")
+        if values["x509_svid_cache_max_size"] < 1:
+            raise ConfigError("x509_svid_cache_max_size: must be at least 1")
+        return cls(
+            node=NodeConfig(
+                trust_domain=td,
+                server_addresses=addresses,
+                data_dir=Path(values["data_dir"]).absolute(),
+                trust_bundle_path=values["trust_bundle"],
+                insecure_bootstrap=bool(values["insecure_bootstrap"]),
+                join_token=values["join_token"],
+                x509pop_cert=values["x509pop_cert"],
+                x509pop_key=values["x509pop_key"],
+                server_name=values["server_name"],
+            ),
+            socket=str(Path(values["socket"]).absolute()),
+            sync_interval=float(values["sync_interval"]),
+            sync_max_backoff=float(values["sync_max_backoff"]),
+            cache_max=int(values["x509_svid_cache_max_size"]),
+        )
+
+
+def _raise_fd_limit() -> None:
+    """Thousands of idle workload connections need file descriptors; take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.cache = WorkloadCache(
+            settings.node.trust_domain.id_string, max_unwatched_svids=settings.cache_max
+        )
+        self.node = NodeClient(settings.node)
+        self.sync = SyncLoop(
+            self.node, self.cache, interval=settings.sync_interval, max_backoff=settings.sync_max_backoff
+        )
+        self.endpoint = WorkloadEndpoint(settings.socket, self.cache, default_attestors(), minter=self.sync.mint_jwt)
+
+    async def _start_node(self, stop: asyncio.Event) -> bool:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.node.start()
+                return True
+            except ServerUnavailableError as exc:
+                failures += 1
+                delay = backoff_delay(failures, self.settings.sync_interval, self.settings.sync_max_backoff)
+                log.warning("cannot reach the server yet (%s); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        return False
+
+    async def _mark_healthy(self) -> None:
+        while not self.cache.ready:
+            await self.cache.changed().wait()
+        await self.endpoint.set_serving(True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs until ``stop`` is set; raises NodeIdentityError when the agent cannot authenticate."""
+        _raise_fd_limit()
+        await self.endpoint.start()
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            if not await self._start_node(stop):
+                return
+            tasks = [
+                asyncio.create_task(self.sync.run(stop), name="sync"),
+                asyncio.create_task(self._mark_healthy(), name="health"),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([tasks[0], stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if tasks[0] in done:
+                tasks[0].result()  # re-raises NodeIdentityError
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self.endpoint.stop()
+            await self.node.close()
+            log.info("agent stopped")
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent = Agent(settings)
+    await agent.run(stop)
+
+
+__all__ = ["SETTINGS", "Agent", "AgentSettings", "NodeIdentityError", "run_agent"]
