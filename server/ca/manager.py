@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -130,7 +131,9 @@ class X509Authority:
         object.__setattr__(self, "key_id", x509.SubjectKeyIdentifier.from_public_key(self.key.public_key).digest.hex())
         cert = self.certificate
         object.__setattr__(self, "lifetime", Lifetime(cert.not_valid_before_utc, cert.not_valid_after_utc))
-        object.__setattr__(self, "chain_from_ca", (cert, *self.issuer_chain) if self.issuer_chain else ())
+        # A self-signed CA is itself a root of the bundle, so nothing follows the leaf; an upstream-signed CA
+        # is an intermediate and travels with the leaf, followed by any upstream intermediates.
+        object.__setattr__(self, "chain_from_ca", () if _self_signed(cert) else (cert, *self.issuer_chain))
 
     def record(self) -> X509Record:
         return X509Record(self.slot_id, self.status, self.certificate, self.issuer_chain, self.tainted)
@@ -321,8 +324,7 @@ class CaManager:
         if not public_keys_equal(key.public_key, record.certificate.public_key()):  # type: ignore[arg-type]
             log.warning("dropping %s: its stored key does not match its certificate", where)
             return None
-        self_signed = record.certificate.issuer == record.certificate.subject and not record.issuer_chain
-        if self.upstream is None and not self_signed:
+        if self.upstream is None and not (_self_signed(record.certificate) and not record.issuer_chain):
             log.warning("dropping %s: it was signed by an upstream authority, which is no longer configured", where)
             return None
         if self.upstream is not None and not self.upstream.anchors(record.certificate, record.issuer_chain):
@@ -369,23 +371,36 @@ class CaManager:
     # ---- rotation ------------------------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> list[RotationEvent]:
-        """Performs every rotation step due at ``now`` (a first start prepares and activates at once)."""
+        """Performs every rotation step due at ``now`` (a first start prepares and activates at once).
+
+        The two families are independent: if the X.509 side fails (say the upstream CA expired), the JWT
+        side still rotates and what was done is recorded before the error is raised.
+        """
         now = self._now(now)
         with self._lock:
             self._require_loaded()
             events: list[RotationEvent] = []
             retired: list[str] = []
-            for _ in range(_MAX_STEPS_PER_TICK):
-                action = next_action(self._x509.schedule_state(self._issuer_not_after()), now)
-                if action is None:
-                    break
-                events.append(self._x509_step(action, now, retired))
-            for _ in range(_MAX_STEPS_PER_TICK):
-                action = next_action(self._jwt.schedule_state(), now)
-                if action is None:
-                    break
-                events.append(self._jwt_step(action, now, retired))
+            failure: CaError | None = None
+            try:
+                for _ in range(_MAX_STEPS_PER_TICK):
+                    action = next_action(self._x509.schedule_state(self._issuer_not_after()), now)
+                    if action is None:
+                        break
+                    events.append(self._x509_step(action, now, retired))
+            except CaError as exc:
+                failure = exc
+            try:
+                for _ in range(_MAX_STEPS_PER_TICK):
+                    action = next_action(self._jwt.schedule_state(), now)
+                    if action is None:
+                        break
+                    events.append(self._jwt_step(action, now, retired))
+            except CaError as exc:
+                failure = failure or exc
             self._commit(bool(events), retired)
+            if failure is not None:
+                raise failure
             return events
 
     def prepare(self, now: datetime | None = None) -> list[RotationEvent]:
@@ -419,7 +434,11 @@ class CaManager:
             return events
 
     def next_event_at(self, now: datetime | None = None) -> datetime | None:
-        """When :meth:`tick` next has something to do (``now`` if already due): sleep exactly until then."""
+        """When :meth:`tick` next has something to do (``now`` if already due): sleep exactly until then.
+
+        After a :meth:`tick` that raised (e.g. the upstream CA expired) this stays ``now``: the caller's loop
+        should retry with a backoff rather than spin.
+        """
         now = self._now(now)
         x509_slots, jwt_slots = self._x509, self._jwt
         times = [
@@ -721,6 +740,16 @@ class CaManager:
             raise CaNotReadyError(f"JWT key {jwt_key.kid} expires now; cannot mint a JWT-SVID")
         token = mint_jwt_svid(jwt_key.key.signer, jwt_key.kid, sid, audiences, expires_at, issued_at)
         return token, expires_at
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _check_dns_names(names: Iterable[str]) -> tuple[str, ...]:
