@@ -228,11 +228,16 @@ def _decode(token: str, key: PublicKey | None, algorithm: str | None) -> dict[st
     return claims
 
 
+_ES_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
 def _check_key_matches_alg(key: PublicKey, alg: str) -> None:
-    family_ok = (alg.startswith(("RS", "PS")) and isinstance(key, rsa.RSAPublicKey)) or (
-        alg.startswith("ES") and isinstance(key, ec.EllipticCurvePublicKey)
-    )
-    if not family_ok:
+    """RFC 7518: RS/PS need an RSA key; ES256/384/512 need exactly P-256/P-384/P-521."""
+    if alg.startswith(("RS", "PS")):
+        ok = isinstance(key, rsa.RSAPublicKey)
+    else:
+        ok = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _ES_CURVES.get(alg)
+    if not ok:
         raise VerificationError(f"JWT-SVID algorithm {alg} does not match the type of the key named by its 'kid'")
 
 

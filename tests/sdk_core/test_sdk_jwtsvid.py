@@ -158,6 +158,14 @@ def test_algorithm_not_matching_key_type(ca: TestCA) -> None:
         validate(token, ca)
 
 
+def test_es_algorithm_with_a_key_of_another_curve(ca: TestCA) -> None:
+    p384 = generate_key("ec-p384")
+    token = forge({"alg": "ES256", "kid": "k384"}, claims(), p384)
+    bundle = JwtBundle("example.org", {"k384": p384.public_key()})
+    with pytest.raises(VerificationError, match="does not match the type of the key"):
+        JwtSvid.parse_and_validate(token, bundle, "svc", now=NOW)
+
+
 def test_missing_kid(ca: TestCA) -> None:
     token = forge({"alg": "ES256"}, claims(), ca.jwt_key)
     with pytest.raises(SvidError, match="no 'kid'"):
