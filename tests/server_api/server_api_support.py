@@ -321,5 +321,3 @@ def cleanup(path: Path) -> None:
 def port_is_closed(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
