@@ -52,6 +52,15 @@ def check_public_key(public_key: object) -> PublicKey:
 
 def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
     """Parses a DER PKCS#10 CSR and checks its signature and key; raises :class:`BadCsrError` on any fault."""
+    return _parse(der)[0]
+
+
+def csr_public_key(der: bytes) -> PublicKey:
+    """The checked public key of a DER CSR: the one thing the server takes from it."""
+    return _parse(der)[1]
+
+
+def _parse(der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
     if not isinstance(der, bytes | bytearray | memoryview):
         raise BadCsrError(f"CSR must be DER bytes, got {type(der).__name__}")
     der = bytes(der)
@@ -66,20 +75,14 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
     except ValueError as exc:
         raise BadCsrError(f"CSR is not a valid DER PKCS#10 request: {exc}") from None
     try:
-        public_key = csr.public_key()
+        raw_key = csr.public_key()
     except (ValueError, TypeError) as exc:
         raise WeakKeyError(f"CSR public key is of an unsupported type: {exc}") from None
-    check_public_key(public_key)
+    public_key = check_public_key(raw_key)
     try:
         valid = csr.is_signature_valid
     except (ValueError, TypeError) as exc:
         raise BadCsrError(f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise BadCsrError("CSR signature does not verify (the request was corrupted or not signed by its key)")
-    return csr
-
-
-def csr_public_key(der: bytes) -> PublicKey:
-    """The checked public key of a DER CSR: the one thing the server takes from it."""
-    key = parse_csr(der).public_key()
-    return check_public_key(key)
+    return csr, public_key
