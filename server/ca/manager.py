@@ -18,6 +18,7 @@ API's batch signing) never waits behind a rotation.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import secrets
 import threading
@@ -682,17 +683,23 @@ class CaManager:
         ttl_seconds: float | timedelta | None = None,
         dns_names: Sequence[str] = (),
         now: datetime | None = None,
+        ip_addresses: Sequence[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     ) -> list[x509.Certificate]:
         """Signs an X509-SVID with the active CA: returns the leaf followed by the intermediates up to (not
         including) a root of the bundle.
 
         ``ttl_seconds`` None or 0 means the default (1 h); longer than the maximum is cut to the maximum; the
-        leaf never outlives the active CA and is backdated by ``config.backdate``.
+        leaf never outlives the active CA and is backdated by ``config.backdate``. ``ip_addresses`` are for
+        the server's own SVID when agents dial it by address.
         """
         now = self._now(now)
         check_public_key(public_key)
         sid = self._spiffe_id(spiffe_id)
         names = _check_dns_names(dns_names)
+        try:
+            ips = tuple(ipaddress.ip_address(ip) for ip in ip_addresses)
+        except ValueError as exc:
+            raise BadSigningRequestError(str(exc)) from None
         ttl = self._ttl(ttl_seconds, self.config.x509_svid_ttl, self.config.max_x509_svid_ttl)
         authority = self._x509.active
         if authority is None or now >= authority.lifetime.not_after:
@@ -707,6 +714,7 @@ class CaManager:
                 not_before=start - self.config.backdate,
                 not_after=start + ttl,
                 dns_names=names,
+                ip_addresses=ips,
             )
         except SvidError as exc:
             raise CaNotReadyError(f"cannot sign an X509-SVID with CA {authority.key_id}: {exc}") from None

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -184,8 +185,14 @@ def test_every_key_kind_issues_verifiable_svids_and_tls_works(tmp_path: Path, ki
     assert manager.authorities()[0].key_kind == kind
     server_key, client_key = new_key("ec-p256"), new_key("rsa-2048")
     server_chain = manager.sign_x509_svid(
-        server_key.public_key(), "spiffe://example.org/tessera/server", dns_names=["server.example.org"]
+        server_key.public_key(),
+        "spiffe://example.org/tessera/server",
+        dns_names=["server.example.org"],
+        ip_addresses=["127.0.0.1"],
     )
+    san = server_chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["server.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     client_chain = manager.sign_x509_svid(csr_public_key(make_csr(client_key)), WORKLOAD)
     for chain in (server_chain, client_chain):
         assert_verifies(manager, chain, clock)
@@ -253,6 +260,8 @@ def test_signing_requests_are_checked(tmp_path: Path) -> None:
         manager.sign_x509_svid(good, WORKLOAD, dns_names=["bad name"])
     with pytest.raises(BadSigningRequestError, match="DNS name"):
         manager.sign_x509_svid(good, WORKLOAD, dns_names=["bücher.example"])
+    with pytest.raises(BadSigningRequestError, match="does not appear to be an IPv4 or IPv6"):
+        manager.sign_x509_svid(good, WORKLOAD, ip_addresses=["999.1.1.1"])
 
 
 def new_key_rsa_1024() -> rsa.RSAPrivateKey:
@@ -447,3 +456,37 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="must not exceed"):
         CaConfig(x509_svid_ttl=timedelta(hours=5), max_x509_svid_ttl=timedelta(hours=2))
     assert CaConfig(ca_ttl=timedelta(hours=6)).effective_jwt_key_ttl == timedelta(hours=6)
+
+
+def test_signing_from_many_threads_while_rotating(tmp_path: Path) -> None:
+    """The signing path reads a snapshot without the lock: every SVID signed during forced rotations must
+    verify against the bundle as it stands afterwards (no torn CA/key pair, no lost authority)."""
+    clock = FakeClock()
+    manager = open_manager(tmp_path, clock)
+    keys = [new_key().public_key() for _ in range(4)]
+    chains: list[list[x509.Certificate]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def signer(index: int) -> None:
+        try:
+            while not stop.is_set():
+                chains.append(manager.sign_x509_svid(keys[index], WORKLOAD))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=signer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            manager.prepare()
+            manager.activate()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    assert chains
+    for chain in chains[:: max(1, len(chains) // 200)]:
+        assert_verifies(manager, chain, clock)
