@@ -437,7 +437,6 @@ def main_run(args: argparse.Namespace) -> int:
         asyncio.run(run_server(config))
     except (TesseraError, OSError) as exc:
         message = str(exc) if isinstance(exc, TesseraError) else (exc.strerror or str(exc))
-        log.error("cannot run: %s", message)
         print(f"tessera-server: error: {message}", file=sys.stderr)
         return 1
     return 0
