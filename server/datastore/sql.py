@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import time
@@ -191,8 +192,16 @@ class SqlDatastore(Datastore):
 
     # ---- migrations ---------------------------------------------------------------------------------------
 
+    def _migration_lock(self) -> AbstractContextManager[None]:
+        """Held around the whole migration; a shared-database backend makes it a cross-server lock."""
+        return contextlib.nullcontext()
+
     def _migrate(self) -> None:
         """Brings the schema to SCHEMA_VERSION, refusing stores that are foreign or newer than this code."""
+        with self._migration_lock():
+            self._migrate_locked()
+
+    def _migrate_locked(self) -> None:
         with self._transaction(write=True) as tx:
             tables = self._existing_tables(tx)
             if SCHEMA_TABLE not in tables:
@@ -243,6 +252,15 @@ class SqlDatastore(Datastore):
     def _counters(self, tx: Tx) -> dict[str, int]:
         return {name: int(value) for name, value in tx.query("SELECT name, value FROM revisions")}
 
+    def _lock(self, tx: Tx, name: str) -> None:
+        """Takes the counter row's write lock before reading what a write depends on.
+
+        Every writer of entries (or bundles) starts here, so writers of one kind are serialized and each one's
+        reads see everything committed before it, also under READ COMMITTED isolation (PostgreSQL's default),
+        where check-then-write would otherwise race.
+        """
+        tx.execute("UPDATE revisions SET value = value WHERE name = ?", (name,))
+
     def _bump(self, tx: Tx, name: str) -> int:
         # The UPDATE takes the counter row's write lock, which serializes writers: revisions commit in order.
         tx.execute("UPDATE revisions SET value = value + 1 WHERE name = ?", (name,))
@@ -283,6 +301,7 @@ class SqlDatastore(Datastore):
         identity = _identity_hash(entry.spiffe_id, entry.parent_id, selectors)
         now = self._now()
         with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
             existing = self._find_identity(tx, identity)
             if existing is not None:
                 raise AlreadyExists(
@@ -365,6 +384,7 @@ class SqlDatastore(Datastore):
         identity = _identity_hash(entry.spiffe_id, entry.parent_id, selectors)
         now = self._now()
         with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
             old = self._get_entry(tx, entry.id)
             if old is None:
                 raise NotFound(f"no registration entry with id {entry.id!r}")
@@ -423,6 +443,7 @@ class SqlDatastore(Datastore):
     def delete_entry(self, entry_id: str) -> RegistrationEntry:
         now = self._now()
         with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
             entry = self._get_entry(tx, entry_id)
             if entry is None:
                 raise NotFound(f"no registration entry with id {entry_id!r}")
@@ -431,6 +452,7 @@ class SqlDatastore(Datastore):
 
     def prune_expired_entries(self, now: int) -> list[str]:
         with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
             rows = tx.query(
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY id",
                 (now,),
@@ -592,6 +614,7 @@ class SqlDatastore(Datastore):
 
     def prune_tombstones(self, before: int) -> int:
         with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
             rows = tx.query("SELECT MAX(revision), COUNT(*) FROM entry_tombstones WHERE deleted_at < ?", (before,))
             newest, count = rows[0]
             if not count:
@@ -613,47 +636,30 @@ class SqlDatastore(Datastore):
         now = self._now()
         selectors = normalize(agent.selectors)
         with self._transaction(write=True) as tx:
-            old = self._get_agent(tx, agent.spiffe_id)
-            if old is not None and old.banned:
+            # One statement, so a concurrent ban can never be overwritten: the update only applies while the
+            # row is not banned (and a banned row reports 0 rows changed).
+            changed = tx.execute(
+                f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?) "
+                "ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, selectors = excluded.selectors, "
+                "serial = excluded.serial, expires_at = excluded.expires_at, reattestable = excluded.reattestable, "
+                "updated_at = excluded.updated_at WHERE agents.banned = 0",
+                (
+                    agent.spiffe_id,
+                    agent.attestor,
+                    _selectors_json(selectors),
+                    agent.serial,
+                    agent.expires_at,
+                    int(agent.reattestable),
+                    agent.created_at or now,
+                    now,
+                ),
+            )
+            if changed == 0:
                 raise AgentBannedError(
                     f"agent {agent.spiffe_id} is banned; an operator must evict it before it can attest again"
                 )
-            stored = AttestedAgent(
-                spiffe_id=agent.spiffe_id,
-                attestor=agent.attestor,
-                selectors=selectors,
-                serial=agent.serial,
-                expires_at=agent.expires_at,
-                banned=False,
-                reattestable=agent.reattestable,
-                created_at=old.created_at if old is not None else (agent.created_at or now),
-                updated_at=now,
-            )
-            values = (
-                stored.attestor,
-                _selectors_json(selectors),
-                stored.serial,
-                stored.expires_at,
-                int(stored.reattestable),
-                stored.updated_at,
-            )
-            if old is None:
-                tx.execute(
-                    f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                    (
-                        stored.spiffe_id,
-                        *values[:4],
-                        int(stored.reattestable),
-                        stored.created_at,
-                        stored.updated_at,
-                    ),
-                )
-            else:
-                tx.execute(
-                    "UPDATE agents SET attestor = ?, selectors = ?, serial = ?, expires_at = ?, reattestable = ?, "
-                    "updated_at = ? WHERE spiffe_id = ?",
-                    (*values, stored.spiffe_id),
-                )
+            stored = self._get_agent(tx, agent.spiffe_id)
+        assert stored is not None
         return stored
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
@@ -723,22 +729,22 @@ class SqlDatastore(Datastore):
         expected_serial: str | None = None,
     ) -> AttestedAgent:
         now = self._now()
+        sql = "UPDATE agents SET serial = ?, expires_at = ?, updated_at = ? WHERE spiffe_id = ? AND banned = 0"
+        params: list[Any] = [serial, expires_at, now, spiffe_id]
+        if expected_serial is not None:
+            sql += " AND serial = ?"
+            params.append(expected_serial)
         with self._transaction(write=True) as tx:
-            old = self._get_agent(tx, spiffe_id)
-            if old is None:
-                raise NotFound(f"no attested agent {spiffe_id!r}")
-            if old.banned:
-                raise AgentBannedError(f"agent {spiffe_id} is banned")
-            if expected_serial is not None and old.serial != expected_serial:
-                raise RevisionConflictError(
-                    f"agent {spiffe_id}'s SVID serial is no longer {expected_serial}: it was renewed meanwhile"
-                )
-            tx.execute(
-                "UPDATE agents SET serial = ?, expires_at = ?, updated_at = ? WHERE spiffe_id = ?",
-                (serial, expires_at, now, spiffe_id),
-            )
+            changed = tx.execute(sql, params)
             agent = self._get_agent(tx, spiffe_id)
-        assert agent is not None
+        if agent is None:
+            raise NotFound(f"no attested agent {spiffe_id!r}")
+        if changed == 0:
+            if agent.banned:
+                raise AgentBannedError(f"agent {spiffe_id} is banned")
+            raise RevisionConflictError(
+                f"agent {spiffe_id}'s SVID serial is no longer {expected_serial}: it was renewed meanwhile"
+            )
         return agent
 
     # ---- join tokens --------------------------------------------------------------------------------------
@@ -809,6 +815,7 @@ class SqlDatastore(Datastore):
 
     def set_bundle(self, trust_domain: str, document: bytes, *, expected_revision: int | None = None) -> Bundle:
         with self._transaction(write=True) as tx:
+            self._lock(tx, "bundles")
             rows = tx.query("SELECT revision FROM bundles WHERE trust_domain = ?", (trust_domain,))
             current = int(rows[0][0]) if rows else 0
             if expected_revision is not None and current != expected_revision:
@@ -831,6 +838,7 @@ class SqlDatastore(Datastore):
 
     def delete_bundle(self, trust_domain: str) -> None:
         with self._transaction(write=True) as tx:
+            self._lock(tx, "bundles")
             if tx.execute("DELETE FROM bundles WHERE trust_domain = ?", (trust_domain,)) == 0:
                 raise NotFound(f"no bundle for trust domain {trust_domain!r}")
             self._bump(tx, "bundles")

@@ -187,6 +187,35 @@ def test_update_compare_and_set(store: Datastore) -> None:
     assert store.get_entry(created.id).revision == changed.revision
 
 
+def test_concurrent_compare_and_set_updates_exactly_one_wins(backend: Backend) -> None:
+    stores = [backend.open(), backend.open()]
+    created = stores[0].create_entry(entry("web"))
+    barrier = threading.Barrier(6)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def update(n: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            stores[n % 2].update_entry(
+                RegistrationEntry(created.id, created.spiffe_id, AGENT_A, created.selectors, hint=str(n)),
+                expected_revision=created.revision,
+            )
+            result = "won"
+        except RevisionConflictError:
+            result = "lost"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=update, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["lost"] * 5 + ["won"]
+    assert stores[1].get_entry(created.id).revision == created.revision + 1
+
+
 def test_update_into_another_entrys_identity_is_refused(store: Datastore) -> None:
     a = store.create_entry(entry("a", AGENT_A, "x:1"))
     b = store.create_entry(entry("b", AGENT_A, "x:1"))
@@ -456,6 +485,8 @@ def test_node_alias_matching_and_alias_revision(store: Datastore) -> None:
 
     aliases_rev = store.revisions().node_aliases
     assert aliases_rev == other.revision
+    assert store.node_aliases_changed_since(alias.revision)
+    assert not store.node_aliases_changed_since(aliases_rev)
     store.create_entry(entry("workload", ALIAS))
     assert store.revisions().node_aliases == aliases_rev, "a workload change must not look like an alias change"
     updated = store.update_entry(RegistrationEntry(alias.id, ALIAS, SERVER_ID, sel("x509pop:san:web"), node=True))
