@@ -149,6 +149,18 @@ def public_key_to_jwk(public_key: PublicKey) -> dict[str, Any]:
     return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
 
 
+def is_known_key_type(jwk: Mapping[str, Any]) -> bool:
+    """Whether a JWK's ``kty`` (and curve) is one this library can use; others are skipped, never fatal."""
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        return True
+    if kty == "EC":
+        return jwk.get("crv") in _JWK_CURVES
+    if kty == "OKP":
+        return jwk.get("crv") == "Ed25519"
+    return False
+
+
 def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
     """The public key a JWK describes; raises :class:`BundleError` naming the bad member."""
     kty = jwk.get("kty")
@@ -262,7 +274,7 @@ class JwtBundle:
         keys: dict[str, PublicKey] = {}
         for index, entry in enumerate(doc["keys"]):
             use = entry.get("use")
-            if use is not None and use != JWT_SVID_USE:
+            if (use is not None and use != JWT_SVID_USE) or not is_known_key_type(entry):
                 continue
             kid, key = _jwt_key_from_entry(entry, index, what)
             if kid in keys:
@@ -358,7 +370,11 @@ class SpiffeBundle:
 
     @classmethod
     def from_document(cls, trust_domain: TrustDomain | str, data: bytes | str) -> SpiffeBundle:
-        """Parses a SPIFFE bundle document; entries with an unknown or missing ``use`` are ignored (per spec)."""
+        """Parses a SPIFFE bundle document.
+
+        Per the SPIFFE bundle format, entries with an unknown or missing ``use`` or key type (``kty``, or an
+        EC/OKP curve this library does not know) are ignored; known entries that are malformed are errors.
+        """
         td = _td(trust_domain)
         what = f"SPIFFE bundle for {td}"
         doc = _load_json_object(data, what)
@@ -371,6 +387,8 @@ class SpiffeBundle:
         authorities: list[x509.Certificate] = []
         jwt_keys: dict[str, PublicKey] = {}
         for index, entry in enumerate(doc["keys"]):
+            if not is_known_key_type(entry):
+                continue  # the bundle format says: ignore unknown key types (and a missing kty is unknown)
             use = entry.get("use")
             if use == X509_SVID_USE:
                 authorities.append(_x509_authority_from_entry(entry, index, what))
@@ -394,10 +412,13 @@ def _x509_authority_from_entry(entry: Mapping[str, Any], index: int, what: str) 
         cert = x509.load_der_x509_certificate(der)
     except (binascii.Error, ValueError) as exc:
         raise BundleError(f"{what}: X.509 authority #{index} has an invalid certificate: {exc}") from None
-    if "kty" in entry:
+    try:
         cert_key = as_public_key(cert.public_key())
-        if not public_keys_equal(public_key_from_jwk(entry), cert_key):
-            raise BundleError(f"{what}: X.509 authority #{index}: JWK key does not match its x5c certificate")
+        jwk_key = public_key_from_jwk(entry)
+    except (SvidError, BundleError) as exc:
+        raise BundleError(f"{what}: X.509 authority #{index}: {exc}") from None
+    if not public_keys_equal(jwk_key, cert_key):
+        raise BundleError(f"{what}: X.509 authority #{index}: JWK key does not match its x5c certificate")
     return cert
 
 

@@ -118,11 +118,30 @@ def test_parse_spire_style_document(ca: TestCA) -> None:
     assert bundle.refresh_hint == 300
 
 
-def test_sequence_defaults_to_zero_and_x5c_without_jwk_members(ca: TestCA) -> None:
-    cert_b64 = base64.b64encode(ca.certificate.public_bytes(serialization.Encoding.DER)).decode()
-    bundle = SpiffeBundle.from_document(TD, json.dumps({"keys": [{"use": "x509-svid", "x5c": [cert_b64]}]}))
+def test_sequence_defaults_to_zero(ca: TestCA) -> None:
+    bundle = SpiffeBundle.from_document(TD, json.dumps({"keys": [_x509_entry(ca)]}))
     assert bundle.sequence == 0 and bundle.refresh_hint is None
     assert bundle.x509_authorities == (ca.certificate,)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"use": "jwt-svid", "kid": "k", "kty": "oct", "k": "c2VjcmV0"},
+        {"use": "jwt-svid", "kid": "k", "kty": "EC", "crv": "P-192", "x": "AA", "y": "AA"},
+        {"use": "jwt-svid", "kid": "k", "kty": "OKP", "crv": "X25519", "x": "AA"},
+        {"use": "jwt-svid", "kid": "k", "x": "AA"},
+        {"use": "x509-svid", "x5c": ["AAAA"]},  # no kty: an unknown key type, whatever the x5c holds
+        {"use": "x509-svid", "kty": "PQC", "x5c": ["AAAA"]},
+    ],
+)
+def test_unknown_key_types_are_ignored(ca: TestCA, entry: dict[str, Any]) -> None:
+    """The bundle format: clients MUST ignore JWK elements with an unknown key type."""
+    doc = {"keys": [_x509_entry(ca), entry]}
+    bundle = SpiffeBundle.from_document(TD, json.dumps(doc))
+    assert bundle.x509_authorities == (ca.certificate,)
+    assert bundle.jwt_authorities == {}
+    assert len(JwtBundle.from_jwks(TD, json.dumps(doc))) == 0
 
 
 def _x509_entry(ca: TestCA, **overrides: Any) -> dict[str, Any]:
@@ -157,11 +176,6 @@ def _x509_entry(ca: TestCA, **overrides: Any) -> dict[str, Any]:
             "does not match its x5c certificate",
         ),
         (lambda ca: {"keys": [{"use": "jwt-svid", **public_key_to_jwk(generate_key().public_key())}]}, "no 'kid'"),
-        (
-            lambda ca: {"keys": [{"use": "jwt-svid", "kid": "k", "kty": "oct", "k": "c2VjcmV0"}]},
-            "unsupported key type",
-        ),
-        (lambda ca: {"keys": [{"use": "jwt-svid", "kid": "k", "kty": "EC", "crv": "P-192"}]}, "unsupported EC curve"),
         (lambda ca: {"keys": [{"use": "jwt-svid", "kid": "k", "kty": "EC", "crv": "P-256", "x": "AA"}]}, "'y'"),
         (
             lambda ca: {
@@ -252,3 +266,16 @@ def test_jwt_bundle_equality_and_hash() -> None:
     assert a == b and hash(a) == hash(b)
     assert a != JwtBundle(TD, {"other": key})
     assert a != JwtBundle("other.org", {"k": key})
+
+
+@pytest.mark.parametrize(
+    ("jwk", "message"),
+    [
+        ({"kty": "oct", "k": "c2VjcmV0"}, "unsupported key type"),
+        ({"kty": "EC", "crv": "P-192", "x": "AA", "y": "AA"}, "unsupported EC curve"),
+        ({"kty": "OKP", "crv": "X448", "x": "AA"}, "unsupported OKP curve"),
+    ],
+)
+def test_public_key_from_unknown_jwk_is_an_error(jwk: dict[str, Any], message: str) -> None:
+    with pytest.raises(BundleError, match=message):
+        public_key_from_jwk(jwk)
