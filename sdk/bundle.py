@@ -391,7 +391,9 @@ class SpiffeBundle:
                 continue  # the bundle format says: ignore unknown key types (and a missing kty is unknown)
             use = entry.get("use")
             if use == X509_SVID_USE:
-                authorities.append(_x509_authority_from_entry(entry, index, what))
+                cert = _x509_authority_from_entry(entry, index, what)
+                if cert is not None:
+                    authorities.append(cert)
             elif use == JWT_SVID_USE:
                 kid, key = _jwt_key_from_entry(entry, index, what)
                 if kid in jwt_keys:
@@ -400,11 +402,17 @@ class SpiffeBundle:
         return cls(td, tuple(authorities), jwt_keys, sequence, hint)
 
 
-def _x509_authority_from_entry(entry: Mapping[str, Any], index: int, what: str) -> x509.Certificate:
+def _x509_authority_from_entry(entry: Mapping[str, Any], index: int, what: str) -> x509.Certificate | None:
+    """The CA certificate of an ``x509-svid`` entry, or None when the entry must be ignored.
+
+    X509-SVID standard, section 6.2: an entry without ``x5c`` (or with an empty one) is ignored, and of
+    several values only the first counts. (Tessera itself always writes exactly one.)
+    """
     x5c = entry.get("x5c")
-    if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
-        count = len(x5c) if isinstance(x5c, list) else 0
-        raise BundleError(f"{what}: X.509 authority #{index} must have exactly one certificate in 'x5c', has {count}")
+    if x5c is None or x5c == []:
+        return None
+    if not isinstance(x5c, list) or not isinstance(x5c[0], str):
+        raise BundleError(f"{what}: X.509 authority #{index}: 'x5c' must be a list of base64 DER certificates")
     if "kid" in entry:
         raise BundleError(f"{what}: X.509 authority #{index} must not have a 'kid'")
     try:
