@@ -48,7 +48,7 @@ from tessera.server.errors import (
     NotFound,
     RevisionConflictError,
 )
-from tessera.server.selectors import Selector, normalize
+from tessera.server.selectors import Selector, matches, normalize
 
 Row = tuple[Any, ...]
 
@@ -162,6 +162,29 @@ def _decode_token(kind: str, token: str) -> tuple[str, int]:
     return after, revision
 
 
+class _AliasIndex:
+    """All node alias entries at one node-alias revision, indexed by selector for fast matching."""
+
+    __slots__ = ("by_selector", "revision")
+
+    def __init__(self, revision: int, aliases: list[RegistrationEntry]) -> None:
+        self.revision = revision
+        self.by_selector: dict[Selector, list[RegistrationEntry]] = {}
+        for alias in aliases:
+            for selector in alias.selectors:
+                self.by_selector.setdefault(selector, []).append(alias)
+
+    def matching(self, available: frozenset[Selector]) -> list[RegistrationEntry]:
+        candidates: dict[str, RegistrationEntry] = {}
+        for selector in available:
+            for alias in self.by_selector.get(selector, ()):
+                candidates[alias.id] = alias
+        return sorted(
+            (a for a in candidates.values() if matches(a.selectors, available)),
+            key=lambda a: a.id,
+        )
+
+
 class SqlDatastore(Datastore):
     """Every datastore operation, in portable SQL over a backend's transactions."""
 
@@ -170,6 +193,7 @@ class SqlDatastore(Datastore):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        self._alias_cache: _AliasIndex | None = None
 
     # ---- backend hooks ------------------------------------------------------------------------------------
 
@@ -599,18 +623,20 @@ class SqlDatastore(Datastore):
         return self._page(rows, page_size, "sync", revision)
 
     def node_alias_entries_matching(self, agent_selectors: Sequence[Selector]) -> list[RegistrationEntry]:
-        selectors = normalize(agent_selectors)
-        if not selectors:
+        # Every agent's sync asks this, so the alias entries are cached, keyed by the node-alias revision
+        # (bumped by every change touching an alias, on any server sharing the store): while it is unchanged the
+        # answer costs one counter read and no entry rows.
+        available = frozenset(agent_selectors)
+        if not available:
             return []
-        clause, params = _selector_match_clause(selectors)
-        sql = (
-            f"SELECT {_E_ENTRY_COLUMNS} FROM entries e JOIN (SELECT s.entry_id AS entry_id, COUNT(*) AS n "
-            f"FROM entry_selectors s WHERE {clause} GROUP BY s.entry_id) m "
-            "ON m.entry_id = e.id AND m.n = e.selector_count WHERE e.node = 1 AND e.selector_count > 0 ORDER BY e.id"
-        )
         with self._transaction(write=False) as tx:
-            rows = tx.query(sql, params)
-        return [_entry_from_row(r) for r in rows]
+            revision = self._counters(tx)["node_aliases"]
+            cache = self._alias_cache
+            if cache is None or cache.revision != revision:
+                rows = tx.query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE node = 1 ORDER BY id")
+                cache = _AliasIndex(revision, [_entry_from_row(r) for r in rows])
+                self._alias_cache = cache
+        return cache.matching(available)
 
     def prune_tombstones(self, before: int) -> int:
         with self._transaction(write=True) as tx:

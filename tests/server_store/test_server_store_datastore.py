@@ -727,3 +727,22 @@ def test_restart_loses_nothing(backend: Backend) -> None:
     assert again.get_ca_journal("s1") == b"j"
     # Revisions keep counting from where they were.
     assert again.create_entry(entry("after")).revision == revisions.entries + 1
+
+
+def test_alias_matching_follows_changes_made_through_another_server(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    alias = a.create_entry(RegistrationEntry("", ALIAS, SERVER_ID, sel("x509pop:san:web"), node=True))
+    web = sel("x509pop:san:web")
+    assert [e.id for e in b.node_alias_entries_matching(web)] == [alias.id]  # b's cache is warm now
+    a.update_entry(RegistrationEntry(alias.id, ALIAS, SERVER_ID, sel("x509pop:san:web", "x509pop:ca:2"), node=True))
+    assert b.node_alias_entries_matching(web) == []
+    assert [e.id for e in b.node_alias_entries_matching(sel("x509pop:san:web", "x509pop:ca:2"))] == [alias.id]
+    a.delete_entry(alias.id)
+    assert b.node_alias_entries_matching(sel("x509pop:san:web", "x509pop:ca:2")) == []
+    # A normal entry turned into an alias (and back) is seen too.
+    plain = a.create_entry(RegistrationEntry("", "spiffe://example.org/nodes/x", AGENT_A, web))
+    assert b.node_alias_entries_matching(web) == []
+    a.update_entry(RegistrationEntry(plain.id, plain.spiffe_id, SERVER_ID, web, node=True))
+    assert [e.id for e in b.node_alias_entries_matching(web)] == [plain.id]
+    a.update_entry(RegistrationEntry(plain.id, plain.spiffe_id, AGENT_A, web))
+    assert b.node_alias_entries_matching(web) == []

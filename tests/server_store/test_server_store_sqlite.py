@@ -149,7 +149,19 @@ def test_unchanged_sync_reads_no_entry_rows(tmp_path: Path, monkeypatch: pytest.
         return real_query(self, sql, params)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sqlite_backend._SqliteTx, "query", spy)
+    store.create_entry(
+        RegistrationEntry(
+            "", "spiffe://example.org/nodes/n", "spiffe://example.org/tessera/server", (Selector("x", "1"),), node=True
+        )
+    )
+    assert [e.spiffe_id for e in store.node_alias_entries_matching((Selector("x", "1"),))] == [
+        "spiffe://example.org/nodes/n"
+    ]
+    statements.clear()
     current = store.revisions().entries
+    # What a sync of an unchanged agent asks: its aliases (warm cache), then the changes since its revision.
+    aliases = store.node_alias_entries_matching((Selector("x", "1"), Selector("y", "2")))
+    assert [e.spiffe_id for e in aliases] == ["spiffe://example.org/nodes/n"]
     changes = store.entries_changed_since([AGENT], current)
     assert changes.upserts == [] and changes.revision == current
     assert statements, "the spy saw nothing"
