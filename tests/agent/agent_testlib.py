@@ -123,6 +123,8 @@ def run_as(uid: int, script: str, *args: str, python: str = SYSTEM_PYTHON, timeo
     )
     if out.returncode != 0:
         raise AssertionError(f"child failed ({out.returncode}): {out.stderr}")
+    if out.stderr:
+        print(out.stderr, file=sys.stderr)
     return out.stdout.strip()
 
 
@@ -137,5 +139,6 @@ try:
     print("OK " + ",".join(s.spiffe_id for s in resp.svids))
 except grpc.RpcError as e:
     print("ERR " + e.code().name)
+    print(e.details(), file=sys.stderr)
 """
 
