@@ -306,5 +306,5 @@ def test_agent_restart_reuses_its_stored_identity(env: Env) -> None:
     env.agent.stop()
     assert oct((env.root / "agent" / "agent.pem").stat().st_mode & 0o777) == "0o600"
     env.start_agent()  # no join token: the stored SVID is enough
-    assert "reusing stored agent SVID" in env.agent.output()  # type: ignore[union-attr]
+    assert "reusing stored agent SVID" in env.agent.output()
     assert ids_for(env, NOBODY) >= {f"spiffe://{TD}/nobody", f"spiffe://{TD}/after-outage"}
