@@ -201,7 +201,7 @@ class SqliteDatastore(SqlDatastore):
             return DatastoreError(f"{self._description} is read-only: {text}")
         if "unable to open" in lowered:
             return DatastoreError(f"cannot open {self._description}: {text}")
-        if "disk i/o" in lowered or "disk is full" in lowered or "full" in lowered:
+        if "disk i/o" in lowered or "disk is full" in lowered:
             return DatastoreError(f"{self._description}: storage failure: {text}")
         return DatastoreError(f"{self._description}: {type(exc).__name__}: {text}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tessera.server.errors import SelectorError
@@ -80,12 +80,14 @@ def test_matching_is_subset() -> None:
 _part = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20)
 
 
+@settings(deadline=None)
 @given(_part.filter(lambda t: ":" not in t), _part)
 def test_parse_round_trips(selector_type: str, value: str) -> None:
     s = Selector(selector_type, value)
     assert Selector.parse(str(s)) == s
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("xyz")), max_size=6), st.data())
 def test_matches_agrees_with_set_inclusion(pairs: list[tuple[str, str]], data: st.DataObject) -> None:
     available = {Selector(t, v) for t, v in pairs}
