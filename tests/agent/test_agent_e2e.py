@@ -275,12 +275,15 @@ def test_rotation_reaches_watchers_before_expiry_without_reconnecting(env: Env) 
     try:
         wait_for(lambda: len(seen) >= 2, 60, "first /short SVID")
         first_serial, first_not_after = seen[1]
-        source_first = wait_for(lambda: str(source.svid.spiffe_id) == target and source.svid.leaf.serial_number, 60)
+        def current() -> Any:
+            return pick(source.get_x509_context().x509_svids)
+
+        source_first = wait_for(lambda: str(current().spiffe_id) == target and current().leaf.serial_number, 60)
         wait_for(lambda: len(seen) >= 4, 90, "rotated /short SVID on the same stream")
         rotated_serial, received_at = seen[2]
         assert rotated_serial != first_serial
         assert received_at < first_not_after, "the rotated SVID must arrive before the old one expires"
-        wait_for(lambda: source.svid.leaf.serial_number != source_first, 60, "X509Source update")
+        wait_for(lambda: current().leaf.serial_number != source_first, 60, "X509Source update")
         assert not errors, errors
     finally:
         call.cancel()
