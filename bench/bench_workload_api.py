@@ -96,7 +96,8 @@ async def first_response(stub: WorkloadApiStub) -> wpb.X509SVIDResponse:
     call = stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA)
     async for message in call:
         call.cancel()
-        return message
+        response: wpb.X509SVIDResponse = message
+        return response
     raise RuntimeError("stream ended")
 
 
