@@ -746,3 +746,53 @@ def test_alias_matching_follows_changes_made_through_another_server(backend: Bac
     assert [e.id for e in b.node_alias_entries_matching(web)] == [plain.id]
     a.update_entry(RegistrationEntry(plain.id, plain.spiffe_id, AGENT_A, web))
     assert b.node_alias_entries_matching(web) == []
+
+
+def test_incremental_sync_converges_while_another_server_writes(backend: Backend) -> None:
+    """An agent syncing incrementally during a stream of creates, moves and deletes ends up exactly right."""
+    writer_store, reader_store = backend.open(), backend.open()
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            live: list[RegistrationEntry] = []
+            for i in range(150):
+                if i % 5 == 3 and live:
+                    writer_store.delete_entry(live.pop(0).id)
+                elif i % 5 == 4 and live:
+                    moved = live.pop()
+                    parent = AGENT_B if moved.parent_id == AGENT_A else AGENT_A
+                    live.append(
+                        writer_store.update_entry(RegistrationEntry(moved.id, moved.spiffe_id, parent, moved.selectors))
+                    )
+                else:
+                    live.append(writer_store.create_entry(entry(f"c{i}", AGENT_A if i % 2 else AGENT_B)))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held = 0
+    cache: dict[str, RegistrationEntry] = {}
+
+    def sync_once() -> None:
+        nonlocal held
+        changes = reader_store.entries_changed_since([AGENT_A], held)
+        assert not changes.full_sync_required
+        for removed in changes.removed_ids:
+            cache.pop(removed, None)
+        for upsert in changes.upserts:
+            cache[upsert.id] = upsert
+        held = changes.revision
+
+    while not done.wait(0.01):  # let several changes pile up between syncs
+        sync_once()
+    thread.join(timeout=60)
+    assert not failures
+    sync_once()
+    truth = {e.id: e for e in reader_store.entries_for_parents([AGENT_A], page_size=1000).items}
+    assert cache == truth
+    assert held == reader_store.revisions().entries
