@@ -431,6 +431,8 @@ def test_batch_sign_refusals(server: RunningServer) -> None:
     assert code_of(sign(good, npb.X509SignRequest(entry_id=theirs.id, csr=csr_der(ec_key())))) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+    # Authorization is decided before the CSRs are judged: nothing is learnt about another agent's entries.
+    assert code_of(sign(npb.X509SignRequest(entry_id=theirs.id, csr=b"garbage"))) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(sign(npb.X509SignRequest(entry_id="0f0e0d0c-no-such-entry", csr=csr_der(ec_key())))) == (
         grpc.StatusCode.NOT_FOUND
     )
