@@ -501,3 +501,43 @@ def test_the_daemon_survives_all_of_it(server: RunningServer) -> None:
     ) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_upstream_authority_end_to_end(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With an upstream CA the bundle is the upstream root, and every chain runs through the server's intermediate."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = tmp_path_factory.mktemp("upstream")
+    upstream = HostPki.create("Upstream")
+    (data / "up.pem").write_bytes(pem_certs([upstream.root]))
+    (data / "up.key").write_bytes(pem_key(upstream.root_key))
+    sock_dir = free_socket_dir()
+    srv = RunningServer(
+        make_config(
+            data / "server",
+            sock_dir / "api.sock",
+            upstream_authority_cert=str(data / "up.pem"),
+            upstream_authority_key=str(data / "up.key"),
+        )
+    )
+    try:
+        bundle = X509Bundle.parse_pem(TD, srv.bundle_pem())
+        assert [c.public_bytes(serialization.Encoding.DER) for c in bundle.authorities] == [
+            upstream.root.public_bytes(serialization.Encoding.DER)
+        ]
+        agent = joined(srv)
+        assert len(agent.chain) == 2
+        verify_x509_svid(agent.chain, bundle)
+        with srv.admin() as admin:
+            e = admin.create_entry(f"spiffe://{TD}/up/web", agent.spiffe_id)
+        # mTLS with a chain (leaf + server intermediate) verified against the upstream root.
+        response = agent.stub().BatchSignX509SVID(
+            npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=e.id, csr=csr_der(ec_key()))])
+        )
+        chain = parse_der_certificates(response.results[0].cert_chain)
+        assert len(chain) == 2 and chain[1].issuer == upstream.root.subject
+        sid, _ = verify_x509_svid(chain, bundle)
+        assert str(sid) == e.spiffe_id
+    finally:
+        srv.stop()
+        cleanup(sock_dir)
