@@ -129,6 +129,8 @@ class _PublicSide(asyncio.Protocol):
             pipe.internal.write(data)
             return
         pipe.pending.append(data)
+        if pipe.public is not None:
+            pipe.public.pause_reading()  # hold the rest in the kernel until the internal side is up
         if not pipe.connecting and not pipe.closed:
             pipe.connecting = True
             task = asyncio.get_running_loop().create_task(pipe.relay.open_internal(pipe))
@@ -236,6 +238,8 @@ class WorkloadRelay:
         for chunk in pipe.pending:
             transport.write(chunk)
         pipe.pending.clear()
+        if pipe.public is not None:
+            pipe.public.resume_reading()
 
     async def close(self) -> None:
         if self._server is not None:
