@@ -83,6 +83,25 @@ def create_entries(store: Datastore, total: int, big: int) -> None:
             last_t, last_n = now, n
 
 
+def create_batched(store: Datastore, count: int, batch: int, offset: int) -> None:
+    start = time.perf_counter()
+    for first in range(offset, offset + count, batch):
+        results = store.create_entries(
+            [
+                RegistrationEntry(
+                    id="",
+                    spiffe_id=f"spiffe://{TD}/bulk/b{i}",
+                    parent_id=agent_id(i % 100),
+                    selectors=(Selector("unix", f"uid:{1000 + i % 5000}"), Selector("k8s", f"ns:team{i % 50}")),
+                )
+                for i in range(first, min(first + batch, offset + count))
+            ]
+        )
+        assert all(isinstance(r, RegistrationEntry) for r in results)
+    elapsed = time.perf_counter() - start
+    print(f"-- bulk create of {count:,} more entries in batches of {batch}: {count / elapsed:8.0f} entries/s")
+
+
 def full_sync(store: Datastore, page_size: int) -> int:
     print(f"-- first (full) sync of the big agent, pages of {page_size:,}")
     start = time.perf_counter()
@@ -162,6 +181,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=20_000, help="entries to create (default 20,000)")
     parser.add_argument("--large", action="store_true", help="create 100,000 entries")
+    parser.add_argument("--bulk", type=int, default=10_000, help="extra entries created in batches of 500")
     parser.add_argument("--parent-entries", type=int, default=10_000, help="entries of the one big agent")
     parser.add_argument("--sync-calls", type=int, default=2_000, help="unchanged sync calls to time")
     parser.add_argument("--page-size", type=int, default=1_000, help="full sync page size")
@@ -177,6 +197,8 @@ def main() -> int:
         store = SqliteDatastore(path, synchronous=args.synchronous)
         try:
             create_entries(store, total, big)
+            if args.bulk:
+                create_batched(store, args.bulk, 500, total)
             revision = full_sync(store, args.page_size)
             unchanged_sync(store, revision, args.sync_calls)
             small_change_sync(store, 200)

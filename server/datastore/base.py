@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from tessera.server.errors import AlreadyExists
 from tessera.server.selectors import Selector
 
 __all__ = [
@@ -248,6 +249,15 @@ class Datastore(ABC):
 
         Raises AlreadyExists when an entry with the same (spiffe_id, parent_id, selectors) or the same id
         exists; the message names the existing entry's id.
+        """
+
+    @abstractmethod
+    def create_entries(self, entries: Sequence[RegistrationEntry]) -> list[RegistrationEntry | AlreadyExists]:
+        """Creates up to MAX_PAGE_SIZE entries in one transaction (bulk import, batch admin calls).
+
+        Returns one result per input, in order: the stored entry, or the AlreadyExists refusing that one entry
+        (a duplicate of a stored entry or of an earlier one in the batch); the others are created regardless.
+        Raises ValueError for an oversized batch, DatastoreError when the store fails (then nothing is created).
         """
 
     @abstractmethod

@@ -333,48 +333,66 @@ class SqlDatastore(Datastore):
         rows = tx.query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,))
         return _entry_from_row(rows[0]) if rows else None
 
-    def create_entry(self, entry: RegistrationEntry) -> RegistrationEntry:
+    def _insert_entry(self, tx: Tx, entry: RegistrationEntry, now: int) -> RegistrationEntry:
+        """Inserts one entry (the caller holds the entries lock); raises AlreadyExists before writing anything."""
         selectors = normalize(entry.selectors)
         entry_id = entry.id or str(uuid.uuid4())
         identity = _identity_hash(entry.spiffe_id, entry.parent_id, selectors)
+        existing = self._find_identity(tx, identity)
+        if existing is not None:
+            raise AlreadyExists(
+                f"an entry with spiffe_id {entry.spiffe_id}, parent_id {entry.parent_id} and the same selectors "
+                f"already exists (id {existing})"
+            )
+        if tx.query("SELECT 1 FROM entries WHERE id = ?", (entry_id,)):
+            raise AlreadyExists(f"an entry with id {entry_id} already exists")
+        revision = self._bump(tx, "entries")
+        stored = RegistrationEntry(
+            id=entry_id,
+            spiffe_id=entry.spiffe_id,
+            parent_id=entry.parent_id,
+            selectors=selectors,
+            x509_svid_ttl=entry.x509_svid_ttl,
+            jwt_svid_ttl=entry.jwt_svid_ttl,
+            dns_names=tuple(entry.dns_names),
+            hint=entry.hint,
+            admin=entry.admin,
+            downstream=entry.downstream,
+            node=entry.node,
+            federates_with=tuple(entry.federates_with),
+            expires_at=entry.expires_at,
+            revision=revision,
+            created_at=entry.created_at or now,
+        )
+        tx.execute(
+            f"INSERT INTO entries ({_ENTRY_COLUMNS}, selector_count, identity_hash, updated_at) "
+            f"VALUES ({_placeholders(18)})",
+            (*self._entry_values(stored), len(selectors), identity, now),
+        )
+        self._write_selectors(tx, entry_id, selectors)
+        if stored.node:
+            tx.execute("UPDATE revisions SET value = ? WHERE name = 'node_aliases'", (revision,))
+        return stored
+
+    def create_entry(self, entry: RegistrationEntry) -> RegistrationEntry:
         now = self._now()
         with self._transaction(write=True) as tx:
             self._lock(tx, "entries")
-            existing = self._find_identity(tx, identity)
-            if existing is not None:
-                raise AlreadyExists(
-                    f"an entry with spiffe_id {entry.spiffe_id}, parent_id {entry.parent_id} and the same selectors "
-                    f"already exists (id {existing})"
-                )
-            if tx.query("SELECT 1 FROM entries WHERE id = ?", (entry_id,)):
-                raise AlreadyExists(f"an entry with id {entry_id} already exists")
-            revision = self._bump(tx, "entries")
-            stored = RegistrationEntry(
-                id=entry_id,
-                spiffe_id=entry.spiffe_id,
-                parent_id=entry.parent_id,
-                selectors=selectors,
-                x509_svid_ttl=entry.x509_svid_ttl,
-                jwt_svid_ttl=entry.jwt_svid_ttl,
-                dns_names=tuple(entry.dns_names),
-                hint=entry.hint,
-                admin=entry.admin,
-                downstream=entry.downstream,
-                node=entry.node,
-                federates_with=tuple(entry.federates_with),
-                expires_at=entry.expires_at,
-                revision=revision,
-                created_at=entry.created_at or now,
-            )
-            tx.execute(
-                f"INSERT INTO entries ({_ENTRY_COLUMNS}, selector_count, identity_hash, updated_at) "
-                f"VALUES ({_placeholders(18)})",
-                (*self._entry_values(stored), len(selectors), identity, now),
-            )
-            self._write_selectors(tx, entry_id, selectors)
-            if stored.node:
-                tx.execute("UPDATE revisions SET value = ? WHERE name = 'node_aliases'", (revision,))
-        return stored
+            return self._insert_entry(tx, entry, now)
+
+    def create_entries(self, entries: Sequence[RegistrationEntry]) -> list[RegistrationEntry | AlreadyExists]:
+        if len(entries) > MAX_PAGE_SIZE:
+            raise ValueError(f"at most {MAX_PAGE_SIZE} entries per batch, got {len(entries)}")
+        now = self._now()
+        results: list[RegistrationEntry | AlreadyExists] = []
+        with self._transaction(write=True) as tx:
+            self._lock(tx, "entries")
+            for entry in entries:
+                try:
+                    results.append(self._insert_entry(tx, entry, now))
+                except AlreadyExists as exc:  # refused before any write for this entry: the batch goes on
+                    results.append(exc)
+        return results
 
     @staticmethod
     def _entry_values(e: RegistrationEntry) -> tuple[Any, ...]:

@@ -141,6 +141,32 @@ def test_duplicate_identity_is_refused_whatever_the_selector_order(store: Datast
     assert store.revisions().entries == 4  # the refused create bumped nothing
 
 
+def test_batch_create_refuses_only_the_duplicates(store: Datastore) -> None:
+    before = store.create_entry(entry("existing", AGENT_A, "a:1"))
+    results = store.create_entries(
+        [
+            entry("one", AGENT_A, "a:1"),
+            entry("existing", AGENT_A, "a:1"),
+            entry("two", AGENT_B, "b:2"),
+            entry("one", AGENT_A, "a:1"),
+        ]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "RegistrationEntry",
+        "AlreadyExists",
+        "RegistrationEntry",
+        "AlreadyExists",
+    ]
+    assert before.id in str(results[1])
+    created = [r for r in results if isinstance(r, RegistrationEntry)]
+    assert [r.revision for r in created] == [2, 3]
+    assert store.get_entries([c.id for c in created]) == {c.id: c for c in created}
+    assert store.count_entries() == 3
+    assert store.create_entries([]) == []
+    with pytest.raises(ValueError, match="at most"):
+        store.create_entries([entry(f"x{i}") for i in range(10_001)])
+
+
 def test_explicit_id_is_kept_and_must_be_unique(store: Datastore) -> None:
     created = store.create_entry(RegistrationEntry("fixed-id", "spiffe://example.org/x", AGENT_A, sel("a:1")))
     assert created.id == "fixed-id"
