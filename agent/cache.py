@@ -262,7 +262,8 @@ class WorkloadCache:
 
     def _evict(self) -> None:
         """Soft cap: least recently served SVIDs nobody watches go first; watched ones never do."""
-        unwatched = [k for k in self.svids if k not in self.watched_entry_ids() and k not in self._requested]
+        keep = self.watched_entry_ids() | self._requested
+        unwatched = [k for k in self.svids if k not in keep]
         excess = len(unwatched) - self.max_unwatched_svids
         for k in unwatched[: max(0, excess)]:
             del self.svids[k]

@@ -77,7 +77,6 @@ class SyncLoop:
                 log.warning("agent SVID renewal failed: %s %s", exc.code().name, exc.details())
         try:
             await self._pull()
-            await self._sign()
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                 log.error("server refused this agent (%s); trying to re-attest", exc.details())
@@ -85,6 +84,7 @@ class SyncLoop:
                 self.entries_revision = self.bundles_revision = 0
                 return
             raise
+        await self._sign()
         self.cache.drop_expired()
         self.cache.mark_ready()
         self.last_success = self._clock()
@@ -151,7 +151,21 @@ class SyncLoop:
         entries = self.cache.entries_to_sign()
         for start in range(0, len(entries), self.batch_size):
             batch = entries[start : start + self.batch_size]
-            self.cache.put_svids(await self._sign_batch(batch))
+            try:
+                self.cache.put_svids(await self._sign_batch(batch))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                # One entry the server no longer authorizes (removed since the last sync, say) fails the
+                # whole batch: sign the others one by one so they are not held hostage.
+                log.warning("server refused a signing batch (%s); retrying entries one by one", exc.details())
+                for entry in batch:
+                    try:
+                        self.cache.put_svids(await self._sign_batch([entry]))
+                    except grpc.aio.AioRpcError as single:
+                        if single.code() != grpc.StatusCode.PERMISSION_DENIED:
+                            raise
+                        log.warning("server refused to sign entry %s: %s", entry.id, single.details())
 
     async def _sign_batch(self, batch: Sequence[EntryRecord]) -> list[CachedSvid]:
         # Key generation and CSR signing are CPU work: off the event loop for large batches.
@@ -203,8 +217,9 @@ class SyncLoop:
             return backoff_delay(self.failures, self.interval, self.max_backoff, self._rand)
         delay = self.interval
         now = self._clock()
-        due = [s.rotate_at for s in self.cache.svids.values()]
-        if self.node.identity is not None:
+        # Only future deadlines: anything already due was attempted this round (and refused if still due).
+        due = [s.rotate_at for s in self.cache.svids.values() if s.rotate_at > now]
+        if self.node.identity is not None and self.node._renew_at > now:
             due.append(self.node._renew_at)
         if due:
             delay = min(delay, max(0.05, min(due) - now))

@@ -37,6 +37,7 @@ class FakeServer:
         self.batches: list[int] = []
         self.down = False
         self.deny = False
+        self.refuse: set[str] = set()
 
     def put(self, entry_id: str, path: str, *selectors: str) -> None:
         self.revision += 1
@@ -72,6 +73,8 @@ class FakeServer:
 
     async def BatchSignX509SVID(self, request: npb.BatchSignX509SVIDRequest, timeout: float) -> Any:
         self.batches.append(len(request.requests))
+        if any(r.entry_id in self.refuse for r in request.requests):
+            raise _denied()
         now = dt.datetime.now(dt.UTC)
         results = []
         for r in request.requests:
@@ -230,3 +233,18 @@ def test_jwt_minting_goes_through_the_server() -> None:
         assert jwt.token == "tok.e1" and jwt.expires_at == 2_000_000_000
 
     asyncio.run(main())
+
+
+def test_one_refused_entry_does_not_block_the_batch_or_the_agent() -> None:
+    server, node, cache, loop = make(page_size=100)
+    for i in range(4):
+        server.put(f"e{i}", f"/w{i}", f"unix:uid:{i}")
+    server.refuse = {"e2"}
+
+    async def main() -> None:
+        await loop.sync_once()
+
+    asyncio.run(main())
+    assert set(cache.svids) == {"e0", "e1", "e3"}
+    assert node.recovered == 0 and cache.ready
+    assert loop._next_delay() >= 1.0  # the refused entry does not make the loop spin
