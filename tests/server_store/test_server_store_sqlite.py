@@ -36,7 +36,9 @@ def populate(path: Path, n: int = 200) -> None:
 def test_new_file_is_private_wal_with_foreign_keys(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "ds.sqlite3"
     store = make(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    store.set_ca_journal("s", b"x")  # a write, so the WAL and shared-memory files exist
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        assert stat.S_IMODE(companion.stat().st_mode) == 0o600, companion
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
