@@ -116,31 +116,54 @@ def _peer_chain_der(tls: ssl.SSLSocket | ssl.SSLObject) -> list[bytes]:
     return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in certs]  # type: ignore[attr-defined]
 
 
+_ID_CACHE_SIZE = 4096
+
+
+def _leaf_id(der: bytes) -> SpiffeId:
+    """The SPIFFE ID of a peer leaf OpenSSL has already verified: exactly one URI SAN, a workload ID."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PeerAuthorizationError("peer certificate has no SAN extension; it is not an X509-SVID") from None
+    except ValueError as exc:
+        raise PeerAuthorizationError(f"peer certificate is unreadable: {exc}") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise PeerAuthorizationError(f"peer certificate has {len(uris)} URI SANs; an X509-SVID has exactly one")
+    try:
+        peer = SpiffeId.parse(uris[0])
+    except TesseraError as exc:
+        raise PeerAuthorizationError(f"peer certificate's URI SAN is not a SPIFFE ID: {exc}") from None
+    if not peer.is_workload_id():
+        raise PeerAuthorizationError(f"peer ID {peer} has no path; it is not a workload SVID")
+    return peer
+
+
 class _PeerCheck:
     """Authorizes the peer of one handshake; bound to the inner context, hence to the bundles that
     OpenSSL verified the chain against."""
 
-    __slots__ = ("_authorizer", "_bundles", "_multi_td")
+    __slots__ = ("_anchored", "_authorizer", "_bundles", "_ids", "_multi_td")
 
     def __init__(self, authorizer: Authorizer, snapshot: X509Snapshot) -> None:
         self._authorizer = authorizer
+        # Peer leaf (DER) -> its SPIFFE ID: the same peers reconnect all day, so each leaf is parsed once.
+        self._ids: dict[bytes, SpiffeId] = {}
+        self._anchored: set[bytes] = set()
         self._bundles = snapshot.bundles
         self._multi_td = len(snapshot.bundles) > 1
 
     def __call__(self, tls: ssl.SSLSocket | ssl.SSLObject) -> SpiffeId:
-        cert = tls.getpeercert()
-        if not cert:
+        der = tls.getpeercert(binary_form=True)
+        if not der:
             raise PeerAuthorizationError("peer presented no certificate")
-        sans: Any = cert.get("subjectAltName", ())
-        uris = [str(value) for kind, value in sans if kind == "URI"]
-        if len(uris) != 1:
-            raise PeerAuthorizationError(f"peer certificate has {len(uris)} URI SANs; an X509-SVID has exactly one")
-        try:
-            peer = SpiffeId.parse(uris[0])
-        except TesseraError as exc:
-            raise PeerAuthorizationError(f"peer certificate's URI SAN is not a SPIFFE ID: {exc}") from None
-        if not peer.is_workload_id():
-            raise PeerAuthorizationError(f"peer ID {peer} has no path; it is not a workload SVID")
+        peer = self._ids.get(der)
+        if peer is None:
+            peer = _leaf_id(der)
+            if len(self._ids) >= _ID_CACHE_SIZE:
+                self._ids.clear()
+            self._ids[der] = peer
         if self._multi_td:
             self._reverify(tls, peer)
         try:
@@ -150,8 +173,12 @@ class _PeerCheck:
         return peer
 
     def _reverify(self, tls: ssl.SSLSocket | ssl.SSLObject, peer: SpiffeId) -> None:
+        ders = _peer_chain_der(tls)
+        key = b"".join(ders)
+        if key in self._anchored:
+            return  # verified before against these same bundles (OpenSSL re-checked validity dates just now)
         try:
-            chain = [x509.load_der_x509_certificate(der) for der in _peer_chain_der(tls)]
+            chain = [x509.load_der_x509_certificate(der) for der in ders]
             verified_id, _ = verify_x509_svid(chain, self._bundles)
         except TesseraError as exc:
             raise PeerAuthorizationError(
@@ -161,6 +188,9 @@ class _PeerCheck:
             raise PeerAuthorizationError(f"peer certificate chain is unreadable: {exc}") from None
         if verified_id != peer:
             raise PeerAuthorizationError(f"peer chain verifies as {verified_id}, not {peer}")
+        if len(self._anchored) >= _ID_CACHE_SIZE:
+            self._anchored.clear()
+        self._anchored.add(key)
 
 
 def _authorize_after_handshake(tls: ssl.SSLSocket | ssl.SSLObject) -> None:
