@@ -21,6 +21,7 @@ from tessera.sdk.errors import BundleError, SpiffeIdError, SvidError
 from tessera.sdk.keys import PublicKey, as_public_key, public_key_der, public_keys_equal
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.sdk.svid import certificates_to_der, certificates_to_pem, parse_der_certificates, parse_pem_certificates
+from tessera.sdk.x509profile import load_der_certificate
 
 X509_SVID_USE = "x509-svid"
 JWT_SVID_USE = "jwt-svid"
@@ -151,13 +152,13 @@ def public_key_to_jwk(public_key: PublicKey) -> dict[str, Any]:
 
 def is_known_key_type(jwk: Mapping[str, Any]) -> bool:
     """Whether a JWK's ``kty`` (and curve) is one this library can use; others are skipped, never fatal."""
-    kty = jwk.get("kty")
+    kty, crv = jwk.get("kty"), jwk.get("crv")
     if kty == "RSA":
         return True
     if kty == "EC":
-        return jwk.get("crv") in _JWK_CURVES
+        return isinstance(crv, str) and crv in _JWK_CURVES
     if kty == "OKP":
-        return jwk.get("crv") == "Ed25519"
+        return crv == "Ed25519"
     return False
 
 
@@ -416,8 +417,7 @@ def _x509_authority_from_entry(entry: Mapping[str, Any], index: int, what: str) 
     if "kid" in entry:
         raise BundleError(f"{what}: X.509 authority #{index} must not have a 'kid'")
     try:
-        der = base64.b64decode(x5c[0], validate=True)
-        cert = x509.load_der_x509_certificate(der)
+        cert = load_der_certificate(base64.b64decode(x5c[0], validate=True))
     except (binascii.Error, ValueError) as exc:
         raise BundleError(f"{what}: X.509 authority #{index} has an invalid certificate: {exc}") from None
     try:

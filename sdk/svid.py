@@ -25,7 +25,14 @@ from tessera.sdk.keys import (
     public_keys_equal,
 )
 from tessera.sdk.spiffeid import SpiffeId
-from tessera.sdk.x509profile import check_signing_certificate, check_x509_svid_leaf, uri_sans
+from tessera.sdk.x509profile import (
+    MALFORMED_CERTIFICATE_ERRORS,
+    check_parseable,
+    check_signing_certificate,
+    check_x509_svid_leaf,
+    load_der_certificate,
+    uri_sans,
+)
 
 MAX_HINT_BYTES = 1024
 
@@ -37,10 +44,7 @@ def parse_der_certificates(data: bytes) -> list[x509.Certificate]:
     view = memoryview(data)
     while offset < len(data):
         length = _der_element_length(view, offset)
-        try:
-            certs.append(x509.load_der_x509_certificate(bytes(view[offset : offset + length])))
-        except ValueError as exc:
-            raise SvidError(f"certificate #{len(certs) + 1} is not valid DER: {exc}") from None
+        certs.append(load_der_certificate(bytes(view[offset : offset + length]), f"certificate #{len(certs) + 1}"))
         offset += length
     return certs
 
@@ -71,9 +75,12 @@ def parse_pem_certificates(data: bytes) -> list[x509.Certificate]:
             raise SvidError("data is not PEM: no '-----BEGIN CERTIFICATE-----' block")
         return []
     try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+        certs = x509.load_pem_x509_certificates(data)
+    except MALFORMED_CERTIFICATE_ERRORS as exc:
         raise SvidError(f"PEM certificates could not be parsed: {exc}") from None
+    for index, cert in enumerate(certs, start=1):
+        check_parseable(cert, f"certificate #{index}")
+    return certs
 
 
 def certificates_to_der(certs: Iterable[x509.Certificate]) -> bytes:

@@ -22,7 +22,7 @@ from cryptography.x509 import verification as xv
 from tessera.sdk.bundle import BundleSet, X509Bundle
 from tessera.sdk.errors import VerificationError
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
-from tessera.sdk.x509profile import check_signing_certificate, check_x509_svid_leaf
+from tessera.sdk.x509profile import check_parseable, check_signing_certificate, check_x509_svid_leaf
 
 BundleSource = BundleSet[X509Bundle] | X509Bundle | Callable[[TrustDomain], X509Bundle | None]
 
@@ -100,6 +100,9 @@ def verify_x509_svid(
     elif now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
     leaf, intermediates = chain[0], list(chain[1:])
+    check_parseable(leaf, "leaf certificate", VerificationError)
+    for index, cert in enumerate(intermediates, start=1):
+        check_parseable(cert, f"intermediate certificate #{index}", VerificationError)
     spiffe_id = check_x509_svid_leaf(leaf, VerificationError)
     for index, cert in enumerate(intermediates, start=1):
         check_signing_certificate(cert, VerificationError, what=f"intermediate certificate #{index}")

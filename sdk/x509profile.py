@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -21,6 +22,40 @@ from tessera.sdk.keys import PrivateKey, PublicKey, as_public_key, public_keys_e
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: What ``cryptography`` raises, lazily, when a certificate's fields or extensions are malformed. Parsers
+#: force these errors at parse time and turn them into Tessera errors, so hostile input fails cleanly.
+MALFORMED_CERTIFICATE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+
+
+def load_der_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
+    """Loads one DER certificate and parses its extensions and key now, raising :class:`SvidError` if bad."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except MALFORMED_CERTIFICATE_ERRORS as exc:
+        raise SvidError(f"{what} is not valid DER: {exc}") from None
+    check_parseable(cert, what)
+    return cert
+
+
+def check_parseable(cert: x509.Certificate, what: str = "certificate", error: type[TesseraError] = SvidError) -> None:
+    """Forces ``cryptography``'s lazy parsing of the parts Tessera reads (extensions, key, validity)."""
+    try:
+        _ = cert.extensions
+        as_public_key(cert.public_key())
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.subject, cert.issuer)
+    except SvidError as exc:
+        raise error(f"{what}: {exc}") from None
+    except MALFORMED_CERTIFICATE_ERRORS as exc:
+        raise error(f"{what} is malformed: {exc}") from None
+
 
 DEFAULT_CA_COMMON_NAME = "Tessera CA"
 DEFAULT_ORGANIZATION = "Tessera"

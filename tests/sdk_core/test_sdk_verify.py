@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tessera.sdk.bundle import BundleSet, X509Bundle
 from tessera.sdk.errors import SvidError, VerificationError
@@ -272,3 +273,28 @@ def test_bundle_holding_an_intermediate_as_anchor(ca: TestCA) -> None:
 def test_verified_chain_types(ca: TestCA) -> None:
     _, chain = verify_x509_svid(ca.issue_svid("/w").cert_chain, ca.x509_bundle(), now=NOW)
     assert all(isinstance(c, x509.Certificate) for c in chain)
+
+
+def test_unsupported_key_type_in_leaf(ca: TestCA) -> None:
+    """A DSA leaf (signed by a real CA) is refused cleanly by parser and verifier, not with a stray exception."""
+    from cryptography.hazmat.primitives.asymmetric import dsa
+
+    dsa_key = dsa.generate_private_key(2048)
+    good = ca.issue_leaf("/dsa")
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(good.leaf.subject)
+        .issuer_name(ca.certificate.subject)
+        .public_key(dsa_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(good.leaf.not_valid_before_utc)
+        .not_valid_after(good.leaf.not_valid_after_utc)
+    )
+    for extension in good.leaf.extensions:
+        if not isinstance(extension.value, x509.SubjectKeyIdentifier):
+            leaf = leaf.add_extension(extension.value, extension.critical)
+    cert = leaf.sign(ca.key, hashes.SHA256())
+    with pytest.raises(VerificationError, match="leaf certificate: unsupported public key type"):
+        verify_x509_svid([cert], ca.x509_bundle(), now=NOW)
+    with pytest.raises(SvidError, match="unsupported public key type"):
+        X509Svid.parse_der(cert.public_bytes(serialization.Encoding.DER), good.key_der())
