@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -110,7 +111,7 @@ def load_private_key_der(data: bytes) -> PrivateKey:
     """Loads an unencrypted DER private key (PKCS#8, or a traditional SEC1/PKCS#1 encoding)."""
     try:
         key = serialization.load_der_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SvidError(f"private key is not valid unencrypted DER: {exc}") from None
     return as_private_key(key)
 
@@ -119,7 +120,7 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
     """Loads an unencrypted PEM private key."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SvidError(f"private key is not valid unencrypted PEM: {exc}") from None
     return as_private_key(key)
 
@@ -127,6 +128,6 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
 def load_public_key_der(data: bytes) -> PublicKey:
     try:
         key = serialization.load_der_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SvidError(f"public key is not a valid DER SubjectPublicKeyInfo: {exc}") from None
     return as_public_key(key)
