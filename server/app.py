@@ -102,13 +102,16 @@ def _check_data_dir(path: Path) -> None:
 
 
 def _prepare_socket(path: Path) -> None:
-    """Creates the socket's directory 0700 and removes a stale socket (refusing when a server is live)."""
+    """Creates the socket's directory 0700 (an existing one is left as it is: it may be shared, like /tmp) and
+    removes a stale socket, refusing when a live server answers on it."""
     directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(directory, 0o700)
-    except OSError as exc:
-        raise StartupError(f"socket: cannot create directory {directory}: {exc.strerror or exc}") from None
+    if not directory.exists():
+        try:
+            directory.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(f"socket: cannot create directory {directory}: {exc.strerror or exc}") from None
+    elif directory.stat().st_mode & 0o077:
+        log.warning("admin socket directory %s is accessible to other users; use a private (0700) directory", directory)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -240,8 +243,8 @@ class ServerApp:
 
     async def start(self) -> None:
         cfg = self.config
-        await asyncio.to_thread(self._open_state)
         try:
+            await asyncio.to_thread(self._open_state)
             await self._start_servers()
         except BaseException:
             await self.stop()
@@ -291,12 +294,9 @@ class ServerApp:
         self._admin = grpc.aio.server(options=GRPC_OPTIONS)
         agrpc.add_AdminServicer_to_server(admin, self._admin)  # type: ignore[no-untyped-call]
         self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, admin_pb2.DESCRIPTOR.services_by_name["Admin"]])
-        old_umask = os.umask(0o177)  # the socket file itself: owner only
-        try:
-            self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
-        finally:
-            os.umask(old_umask)
+        self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
         await self._admin.start()
+        os.chmod(cfg.socket_path, 0o600)  # the socket file itself: owner only (the directory guards it too)
 
         self._front = TlsFront(inner_socket, self._registry, self._tls_context())
         try:
@@ -435,8 +435,8 @@ def main_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(run_server(config))
-    except (TesseraError, OSError) as exc:
-        message = str(exc) if isinstance(exc, TesseraError) else (exc.strerror or str(exc))
+    except (TesseraError, OSError, ValueError) as exc:
+        message = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
         print(f"tessera-server: error: {message}", file=sys.stderr)
         return 1
     return 0

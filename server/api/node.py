@@ -169,6 +169,8 @@ class NodeServicer(ngrpc.NodeServicer):
         agent_id = result.agent_id
         if not agent_id.member_of(self._td) or not agent_id.is_workload_id():
             raise denied(f"attestor produced agent ID {agent_id} outside trust domain {self._td}")
+        if agent_id == self._td.spiffe_id("tessera", "server"):
+            raise denied("an agent cannot take the server's own ID")
         try:
             existing = await asyncio.to_thread(self._ds.get_agent, str(agent_id))
         except NotFound:
