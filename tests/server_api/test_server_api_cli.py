@@ -277,3 +277,12 @@ def test_python_dash_m_is_the_same_command() -> None:
     )
     assert result.returncode == 0 and "healthcheck" in result.stdout
     assert os.access(BIN, os.X_OK)
+
+
+def test_the_example_deployment_config_is_accepted() -> None:
+    from tessera.sdk.config import load_settings
+    from tessera.server.config import SETTINGS, build_config
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "server.toml"
+    config = build_config(load_settings("server", SETTINGS, example, {}))
+    assert config.bind_port == 8081 and config.dns_names[0] == "tessera-server.example.org"
