@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from agent_testlib import FETCH_SCRIPT, run_as, socket_dir
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from test_agent_e2e import PY, TD, Daemon, Env, free_port, wait_for
 
@@ -36,7 +37,8 @@ def nodes() -> Iterator[tuple[NodesEnv, TestCA]]:
     host_ca = TestCA("hosts.example")
     (root / "host-ca.pem").write_bytes(host_ca.certificate.public_bytes(Encoding.PEM))
     e = NodesEnv(root, str(root))
-    e.server.argv += ["--x509pop-ca-bundle", str(root / "host-ca.pem")]
+    # agent SVIDs of 60 s (the server's minimum): renewal at about half life is observable in a test
+    e.server.argv += ["--x509pop-ca-bundle", str(root / "host-ca.pem"), "--agent-ttl", "60s"]
     try:
         e.start_server()
         (root / "bundle.pem").write_text(e.admin_cmd("bundle", "show") + "\n")
@@ -95,6 +97,17 @@ def test_insecure_bootstrap_and_failover_then_clear_stop_on_eviction(nodes: tupl
         assert "INSECURE BOOTSTRAP" in agent.output()
         pinned = (env.root / "boot-data" / "bundle.pem").read_text()
         assert pinned.strip() == (env.root / "bundle.pem").read_text().strip()
+        def stored_not_after() -> float:
+            pem = (env.root / "boot-data" / "agent.pem").read_bytes()
+            return x509.load_pem_x509_certificates(pem)[0].not_valid_after_utc.timestamp()
+
+        first_not_after = stored_not_after()
+        # the agent renews its own SVID at about half life and keeps syncing with the new one
+        wait_for(lambda: "agent SVID renewed" in agent.output(), 90, "agent SVID renewal")
+        env.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/boot-wl2", "--parent-id", agent_id,
+                      "--selector", "unix:uid:0")
+        wait_for(lambda: f"spiffe://{TD}/boot-wl2" in served(sock), 60, "sync with the renewed agent SVID")
+        assert stored_not_after() > first_not_after  # the renewed SVID was persisted
         # evicted, and join tokens are one-time: the agent stops with one line saying what to do
         env.admin_cmd("agent", "evict", "--spiffe-id", agent_id)
         wait_for(lambda: not agent.alive(), 60, "agent to stop")
