@@ -192,7 +192,11 @@ class _SyncWatchedSource(Generic[T]):
         raise NotImplementedError
 
     def _on_update(self, update: object) -> None:
-        value = self._convert(update)
+        try:
+            value = self._convert(update)
+        except WorkloadApiError as exc:  # e.g. the picker found no SVID for its SPIFFE ID
+            self._on_error(exc)
+            return
         with self._lock:
             if self._closed:
                 return
@@ -395,7 +399,11 @@ class _AsyncWatchedSource(Generic[T]):
     async def _run(self, client: AsyncWorkloadApiClient) -> None:
         try:
             async for update in self._watch(client):  # type: ignore[attr-defined]
-                value = self._convert(update)
+                try:
+                    value = self._convert(update)
+                except WorkloadApiError as exc:  # e.g. the picker found no SVID for its SPIFFE ID
+                    self._on_error(exc)
+                    continue
                 self._value = value
                 self._last_error = None
                 assert self._first is not None

@@ -144,12 +144,17 @@ class Helper:
                 return
             try:
                 self.write_x509(context)
-                if not self._first.is_set():
-                    self.write_jwt_svids()
             except (OSError, TesseraError) as exc:
                 self._write_error = exc
                 log.error("could not write the files: %s", exc)
                 return
+            if not self._first.is_set():
+                try:
+                    self.write_jwt_svids()
+                except (OSError, TesseraError) as exc:
+                    # The X.509 files are in place; the main loop retries the JWT-SVIDs shortly.
+                    log.error("could not write JWT-SVIDs (retrying in %ss): %s", MIN_JWT_REFRESH, exc)
+                    self._jwt_due = time.monotonic() + MIN_JWT_REFRESH
             self.writes += 1
             self._first.set()
             self.notify()
