@@ -290,5 +290,5 @@ async def _until(predicate: Any, timeout: float = 20.0) -> None:
 
 
 def test_picker_without_match_names_the_missing_id(agent: FakeAgent) -> None:
-    with pytest.raises(WorkloadApiTimeoutError, match="no SVID for spiffe://example.org/missing"):
+    with pytest.raises(WorkloadApiTimeoutError, match=r"no SVID for spiffe://example\.org/missing"):
         X509Source(address=agent.address, timeout=0.5, backoff=FAST, picker=pick_by_id("spiffe://example.org/missing"))
