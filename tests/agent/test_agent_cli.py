@@ -118,3 +118,12 @@ def test_watch_prints_each_rotation() -> None:
             await proc.wait()
 
     _with_endpoint(cache, body)
+
+
+def test_shipped_example_config_is_accepted() -> None:
+    from tessera.agent.daemon import SETTINGS, AgentSettings
+    from tessera.sdk.config import load_settings
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "agent.toml"
+    settings = AgentSettings.from_values(load_settings("agent", SETTINGS, example, {}))
+    assert settings.node.server_addresses and settings.socket.endswith("api.sock")
