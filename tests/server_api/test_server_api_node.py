@@ -541,3 +541,31 @@ def test_upstream_authority_end_to_end(tmp_path_factory: pytest.TempPathFactory)
     finally:
         srv.stop()
         cleanup(sock_dir)
+
+
+def test_signing_follows_entry_changes_at_once(server: RunningServer) -> None:
+    agent = joined(server)
+    with server.admin() as admin:
+        e = admin.create_entry(f"spiffe://{TD}/changing", agent.spiffe_id, dns_names=["one.example.org"])
+    stub = agent.stub()
+
+    def dns() -> list[str]:
+        response = stub.BatchSignX509SVID(
+            npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=e.id, csr=csr_der(ec_key()))])
+        )
+        leaf = parse_der_certificates(response.results[0].cert_chain)[0]
+        return leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+
+    assert dns() == ["one.example.org"]
+    with server.admin() as admin:
+        changed = npb.Entry()
+        changed.CopyFrom(e)
+        del changed.dns_names[:]
+        changed.dns_names.append("two.example.org")
+        admin.stub.UpdateEntry(apb.UpdateEntryRequest(entry=changed))
+    assert dns() == ["two.example.org"]
+    with server.admin() as admin:
+        admin.stub.DeleteEntry(apb.DeleteEntryRequest(id=e.id))
+    assert code_of(dns) == grpc.StatusCode.NOT_FOUND
