@@ -19,13 +19,14 @@ Three facts shape this module (see ARCHITECTURE.md, "Facts already checked"):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from cryptography import x509
@@ -419,3 +420,29 @@ def client_context(source: X509SnapshotSource, authorizer: Authorizer, *, strict
     _configure(front, False, strict)
     front._tessera_rotating = rotating
     return front
+
+
+# -- asyncio streams -------------------------------------------------------------------------------------
+
+
+async def open_connection(
+    host: str, port: int, source: X509SnapshotSource, authorizer: Authorizer, **kwargs: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection`` over SPIFFE mutual TLS: returns once the server's SPIFFE ID is authorized
+    (raises PeerAuthorizationError, an ``ssl.SSLError``, otherwise). ``peer_spiffe_id(writer)`` names it."""
+    return await asyncio.open_connection(host, port, ssl=client_context(source, authorizer), **kwargs)
+
+
+async def start_server(
+    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None],
+    host: str | None,
+    port: int | None,
+    source: X509SnapshotSource,
+    authorizer: Authorizer,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """``asyncio.start_server`` over SPIFFE mutual TLS: ``client_connected_cb`` runs only for clients whose
+    SPIFFE ID ``authorizer`` accepted (``peer_spiffe_id(writer)``); others are dropped after the handshake."""
+    return await asyncio.start_server(
+        client_connected_cb, host, port, ssl=server_context(source, authorizer), **kwargs
+    )

@@ -33,6 +33,8 @@ from tessera.sdk.tls import (
     peer_spiffe_id,
     server_context,
 )
+from tessera.sdk.tls import open_connection as tls_open_connection
+from tessera.sdk.tls import start_server as tls_start_server
 
 SERVER_ID = "spiffe://example.org/server"
 CLIENT_ID = "spiffe://example.org/client"
@@ -232,12 +234,9 @@ def test_asyncio_streams_authorize_both_sides(ca: TestCA) -> None:
             await writer.drain()
             writer.close()
 
-        sctx = server_context(server_src, authorize_id(CLIENT_ID))
-        srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=sctx)
+        srv = await tls_start_server(handle, "127.0.0.1", 0, server_src, authorize_id(CLIENT_ID))
         port = srv.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context(client_src, authorize_id(SERVER_ID))
-        )
+        reader, writer = await tls_open_connection("127.0.0.1", port, client_src, authorize_id(SERVER_ID))
         assert peer_spiffe_id(writer) == SpiffeId.parse(SERVER_ID)
         writer.write(b"hello\n")
         assert await reader.readline() == b"HELLO\n"
