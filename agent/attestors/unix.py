@@ -8,8 +8,9 @@ import hashlib
 import logging
 import os
 import pwd
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,18 +67,32 @@ def _sha256_file(f: BinaryIO) -> str:
     return h.hexdigest()
 
 
-def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+class _NameCache:
+    """uid/gid -> name, remembered for a minute: NSS lookups (LDAP, sssd) must not run on every call."""
+
+    def __init__(self, lookup: Callable[[int], str], ttl: float = 60.0, max_entries: int = 4096) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._max = max_entries
+        self._names: dict[int, tuple[str | None, float]] = {}
+
+    def __call__(self, number: int) -> str | None:
+        now = time.monotonic()
+        hit = self._names.get(number)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        try:
+            name: str | None = self._lookup(number)
+        except KeyError:
+            name = None
+        if len(self._names) >= self._max:
+            self._names.clear()
+        self._names[number] = (name, now + self._ttl)
+        return name
 
 
-def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return None
+_user_name = _NameCache(lambda uid: pwd.getpwuid(uid).pw_name)
+_group_name = _NameCache(lambda gid: grp.getgrgid(gid).gr_name)
 
 
 class UnixAttestor:
