@@ -21,8 +21,8 @@ def open_datastore(
     """Opens (creating and migrating as needed) the datastore named by ``spec``.
 
     ``spec`` is empty/None (SQLite file ``datastore.sqlite3`` in ``data_dir``), ``sqlite:///abs/path``,
-    ``sqlite:relative/path`` (relative to ``data_dir``), or a plain file path. PostgreSQL URLs are recognised
-    and refused with a clear message until that backend is part of the build.
+    ``sqlite:relative/path`` (relative to ``data_dir``), a plain file path, or a ``postgresql://`` URL (a
+    database several servers share; see :class:`~tessera.server.datastore.postgres.PostgresDatastore`).
     """
     from tessera.server.datastore.sqlite import SqliteDatastore
 
@@ -30,7 +30,9 @@ def open_datastore(
     if not spec:
         return SqliteDatastore(base / DEFAULT_SQLITE_FILE, clock=clock)
     if spec.startswith(("postgresql://", "postgres://")):
-        raise DatastoreError("the PostgreSQL datastore is not part of this build yet; use SQLite (omit --datastore)")
+        from tessera.server.datastore.postgres import PostgresDatastore
+
+        return PostgresDatastore(spec, clock=clock)
     if spec.startswith("sqlite:"):
         rest = spec[len("sqlite:") :]
         if rest.startswith("//"):

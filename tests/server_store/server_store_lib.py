@@ -1,8 +1,8 @@
 """Backends for the datastore test suite: every behavioural test runs against each name in BACKENDS.
 
 A backend gives tests a way to open the *same* database several times (restart, second server) with an
-injected clock. Adding PostgreSQL means adding a name here and a branch in ``Backend.open``; the tests do not
-change.
+injected clock. "postgresql" runs against a fresh database of the session's private cluster (tests/conftest.py,
+tests/pgcluster.py); the tests do not change.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tessera.server.datastore import Datastore
+from tessera.server.datastore.postgres import PostgresDatastore
 from tessera.server.datastore.sqlite import SqliteDatastore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 TD = "example.org"
 SERVER_ID = "spiffe://example.org/tessera/server"
@@ -32,8 +33,9 @@ class FakeClock:
 
 
 class Backend:
-    def __init__(self, name: str, tmp_path: Path) -> None:
+    def __init__(self, name: str, tmp_path: Path, url: str = "") -> None:
         self.name = name
+        self.url = url  # the test's database, for "postgresql"
         self.tmp_path = tmp_path
         self.clock = FakeClock()
         self._open: list[Datastore] = []
@@ -42,6 +44,8 @@ class Backend:
         """Opens (another handle to) this test's database; closed automatically at teardown."""
         if self.name == "sqlite":
             store: Datastore = SqliteDatastore(self.tmp_path / "store" / "datastore.sqlite3", clock=self.clock)
+        elif self.name == "postgresql":
+            store = PostgresDatastore(self.url, pool_size=4, clock=self.clock)
         else:  # pragma: no cover - only names in BACKENDS are used
             raise AssertionError(f"unknown backend {self.name}")
         self._open.append(store)

@@ -37,7 +37,8 @@ ALIAS = "spiffe://example.org/nodes/web"
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = Backend(request.param, tmp_path)
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
+    b = Backend(request.param, tmp_path, url)
     yield b
     b.close_all()
 
