@@ -7,11 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/system-deps.sh
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+scripts/bootstrap.sh
 
 echo "== ruff"
 .venv/bin/ruff check .
