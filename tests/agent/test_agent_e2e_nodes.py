@@ -63,6 +63,7 @@ def test_x509pop_attests_and_reattests_after_eviction(nodes: tuple[NodesEnv, Tes
     agent = env.agent_for(
         "pop", "--trust-bundle", str(env.root / "bundle.pem"),
         "--x509pop-cert", str(env.root / "host.pem"), "--x509pop-key", str(env.root / "host.key"),
+        "--server-name", "localhost",  # verified against the server SVID's DNS SAN instead of the IP
     )
     sock = f"{env.root}/pop-pub/api.sock"
     agent.start()
