@@ -233,8 +233,10 @@ class WorkloadCache:
 
     def request(self, entry_ids: Iterable[str]) -> None:
         """A workload needs SVIDs the cache does not hold (evicted or never signed): ask sync for them."""
-        self._requested.update(i for i in entry_ids if i in self.entries)
-        self.sign_wanted.set()
+        wanted = [i for i in entry_ids if i in self.entries]
+        if wanted:
+            self._requested.update(wanted)
+            self.sign_wanted.set()
 
     def entries_to_sign(self) -> list[EntryRecord]:
         """Entries needing a (new) SVID now: missing, due for rotation, or re-issue after a change.
