@@ -407,3 +407,33 @@ def test_thousand_idle_connections_do_not_block_a_new_workload() -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_identity_without_svid_yet_waits_for_signing_then_unavailable_if_never() -> None:
+    ca = TestCA("example.org")
+    cache = make_cache(ca)
+    e = entry("e1", ca, "/later", [ME])
+    cache.apply_entries([e])  # entitled, but no SVID signed yet (e.g. evicted from the LRU)
+
+    async def main() -> None:
+        ep, path = await start_endpoint(cache, first_response_timeout=3.0)
+        try:
+            async with grpc.aio.insecure_channel("unix:" + path) as ch:
+                stub = WorkloadApiStub(ch)
+                stream = stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA).__aiter__()
+                pending = asyncio.ensure_future(stream.__anext__())
+                await asyncio.wait_for(cache.sign_wanted.wait(), 30)  # the stream asked sync for the SVID
+                assert [x.id for x in cache.entries_to_sign()] == ["e1"]
+                cache.put_svids([issue(ca, e)])
+                message = await asyncio.wait_for(pending, 30)
+                assert message.svids[0].spiffe_id == "spiffe://example.org/later"
+                # nobody signs this one: the caller is told to retry later, not refused
+                cache.apply_entries([], ["e1"])
+                cache.apply_entries([entry("e3", ca, "/never2", [ME])])
+            async with grpc.aio.insecure_channel("unix:" + path) as ch:
+                call = WorkloadApiStub(ch).FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA)
+                assert await code_of(call) == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await stop_endpoint(ep)
+
+    run(main())
