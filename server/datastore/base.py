@@ -38,13 +38,17 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "AttestedAgent",
     "Bundle",
+    "Crl",
     "Datastore",
     "EntryChanges",
     "EntryFilter",
+    "FederationRelationship",
+    "IssuedSvid",
     "JoinToken",
     "Page",
     "RegistrationEntry",
     "Revisions",
+    "RevokedCertificate",
     "Selector",
     "SelectorMatch",
     "hash_join_token",
@@ -132,6 +136,63 @@ class Bundle:
     trust_domain: str
     document: bytes
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class FederationRelationship:
+    """A foreign trust domain whose bundle this server fetches from its bundle endpoint.
+
+    ``profile`` is ``https_web`` (the endpoint has a Web PKI certificate) or ``https_spiffe`` (it presents the
+    X509-SVID ``endpoint_spiffe_id`` of the foreign trust domain, checked against that domain's bundle). The
+    refresher keeps ``last_refresh`` / ``next_refresh`` / ``last_error`` (unix seconds, "" when fine).
+    """
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str = ""
+    last_refresh: int = 0
+    next_refresh: int = 0
+    last_error: str = ""
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    """An X509-SVID the server signed, remembered until it expires (``entry_id`` "" for an agent SVID).
+
+    Serials are lowercase hex without leading zeros; ``issuer_key_id`` is the hex SKI of the signing CA.
+    """
+
+    serial: str
+    issuer_key_id: str
+    spiffe_id: str
+    entry_id: str
+    agent_id: str
+    issued_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedCertificate:
+    """A serial on the CRL of ``issuer_key_id`` until ``expires_at`` (then it would be refused anyway)."""
+
+    serial: str
+    issuer_key_id: str
+    spiffe_id: str
+    expires_at: int
+    revoked_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Crl:
+    """The DER CRL signed by the X.509 authority ``issuer_key_id``, valid until ``next_update``."""
+
+    issuer_key_id: str
+    crl: bytes
+    next_update: int
+    updated_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,3 +526,67 @@ class Datastore(ABC):
     @abstractmethod
     def set_ca_journal(self, server_id: str, data: bytes) -> None:
         """Creates or replaces the CA journal blob of server ``server_id``."""
+
+    # ---- federation relationships -------------------------------------------------------------------------
+
+    @abstractmethod
+    def create_federation_relationship(self, relationship: FederationRelationship) -> FederationRelationship:
+        """Stores a new relationship (created_at/updated_at now). Raises AlreadyExists."""
+
+    @abstractmethod
+    def get_federation_relationship(self, trust_domain: str) -> FederationRelationship:
+        """Raises NotFound."""
+
+    @abstractmethod
+    def list_federation_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain name."""
+
+    @abstractmethod
+    def update_federation_relationship(self, relationship: FederationRelationship) -> FederationRelationship:
+        """Replaces URL, profile, endpoint ID and refresh state (created_at kept). Raises NotFound."""
+
+    @abstractmethod
+    def delete_federation_relationship(self, trust_domain: str) -> None:
+        """Deletes the relationship and, in the same transaction, its federated bundle (if any; bumping the
+        bundles revision), so agents stop trusting the domain at their next sync. Raises NotFound."""
+
+    # ---- issued and revoked X509-SVIDs --------------------------------------------------------------------
+
+    @abstractmethod
+    def record_issued_svids(self, svids: Sequence[IssuedSvid]) -> None:
+        """Remembers signed X509-SVIDs (one transaction per call; a repeated serial is replaced)."""
+
+    @abstractmethod
+    def list_issued_svids(
+        self,
+        *,
+        serial: str | None = None,
+        entry_id: str | None = None,
+        agent_id: str | None = None,
+        issuer_key_id: str | None = None,
+        unexpired_at: int | None = None,
+    ) -> list[IssuedSvid]:
+        """Issued SVIDs matching every given filter (``unexpired_at``: expires_at > that instant)."""
+
+    @abstractmethod
+    def revoke_certificates(self, revoked: Sequence[RevokedCertificate]) -> list[RevokedCertificate]:
+        """Adds serials to the revocation list (already listed ones are kept as they are) and bumps the bundles
+        revision when anything was added; returns what was added."""
+
+    @abstractmethod
+    def list_revoked_certificates(self, *, unexpired_at: int | None = None) -> list[RevokedCertificate]:
+        """Revoked certificates by issuer then serial (``unexpired_at``: only those expiring after it)."""
+
+    @abstractmethod
+    def set_crls(self, crls: Sequence[Crl], *, delete_issuers: Sequence[str] = ()) -> None:
+        """Creates or replaces the given CRLs and deletes those of ``delete_issuers``, in one transaction that
+        bumps the bundles revision (agents receive CRLs together with bundles)."""
+
+    @abstractmethod
+    def list_crls(self) -> list[Crl]:
+        """Every stored CRL, by issuer key id."""
+
+    @abstractmethod
+    def prune_issued_and_revoked(self, now: int) -> int:
+        """Forgets issued SVIDs and revocations of certificates expired at or before ``now``; returns how many
+        rows went (CRLs are rewritten by the CA's owner afterwards)."""

@@ -123,6 +123,59 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "federation relationships, issued X509-SVIDs (for revocation), revoked certificates, CRLs",
+        (
+            # One row per foreign trust domain this server federates with; the bundle itself is in `bundles`.
+            """CREATE TABLE federation_relationships (
+                trust_domain TEXT PRIMARY KEY,
+                bundle_endpoint_url TEXT NOT NULL,
+                profile TEXT NOT NULL,
+                endpoint_spiffe_id TEXT NOT NULL,
+                last_refresh BIGINT NOT NULL,
+                next_refresh BIGINT NOT NULL,
+                last_error TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )""",
+            # Every X509-SVID signed (workload and agent SVIDs; entry_id '' for an agent's own), kept until it
+            # expires: what `x509 revoke --entry-id/--agent` revokes and what `ca revoke` waits for.
+            """CREATE TABLE issued_svids (
+                serial TEXT PRIMARY KEY,
+                issuer_key_id TEXT NOT NULL,
+                spiffe_id TEXT NOT NULL,
+                entry_id TEXT NOT NULL,
+                agent_id TEXT NOT NULL,
+                issued_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL
+            )""",
+            "CREATE INDEX issued_svids_entry ON issued_svids (entry_id, agent_id)",
+            "CREATE INDEX issued_svids_agent ON issued_svids (agent_id)",
+            "CREATE INDEX issued_svids_issuer ON issued_svids (issuer_key_id)",
+            "CREATE INDEX issued_svids_expires_at ON issued_svids (expires_at)",
+            # Revoked certificates stay listed until they would have expired anyway.
+            """CREATE TABLE revoked_certificates (
+                serial TEXT PRIMARY KEY,
+                issuer_key_id TEXT NOT NULL,
+                spiffe_id TEXT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                revoked_at BIGINT NOT NULL
+            )""",
+            "CREATE INDEX revoked_certificates_expires_at ON revoked_certificates (expires_at)",
+            # The signed CRLs (DER), one per X.509 authority; written with a bundles-revision bump so agents
+            # fetch them with the bundles.
+            """CREATE TABLE crls (
+                issuer_key_id TEXT PRIMARY KEY,
+                crl {blob} NOT NULL,
+                next_update BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1].version
 """The version this code migrates stores to."""
 
@@ -136,6 +189,10 @@ TABLES: tuple[str, ...] = (
     "join_tokens",
     "bundles",
     "ca_journals",
+    "federation_relationships",
+    "issued_svids",
+    "revoked_certificates",
+    "crls",
 )
 
 

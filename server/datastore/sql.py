@@ -42,13 +42,17 @@ from tessera.server.datastore.base import (
     MAX_PAGE_SIZE,
     AttestedAgent,
     Bundle,
+    Crl,
     Datastore,
     EntryChanges,
     EntryFilter,
+    FederationRelationship,
+    IssuedSvid,
     JoinToken,
     Page,
     RegistrationEntry,
     Revisions,
+    RevokedCertificate,
     SelectorMatch,
     hash_join_token,
 )
@@ -86,6 +90,12 @@ _ENTRY_COLUMNS = (
 _E_ENTRY_COLUMNS = ", ".join("e." + c.strip() for c in _ENTRY_COLUMNS.split(","))
 _AGENT_COLUMNS = "spiffe_id, attestor, selectors, serial, expires_at, banned, reattestable, created_at, updated_at"
 _TOKEN_COLUMNS = "id, token_hash, expires_at, spiffe_id, created_at"  # noqa: S105 (column names)
+_FED_COLUMNS = (
+    "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, last_refresh, next_refresh, last_error, "
+    "created_at, updated_at"
+)
+_ISSUED_COLUMNS = "serial, issuer_key_id, spiffe_id, entry_id, agent_id, issued_at, expires_at"
+_REVOKED_COLUMNS = "serial, issuer_key_id, spiffe_id, expires_at, revoked_at"
 
 
 def _selectors_json(selectors: Sequence[Selector]) -> str:
@@ -915,6 +925,198 @@ class SqlDatastore(Datastore):
                 "ON CONFLICT (server_id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
                 (server_id, bytes(data), self._now()),
             )
+
+
+    # ---- federation relationships -------------------------------------------------------------------------
+
+    @staticmethod
+    def _relationship_from_row(row: Row) -> FederationRelationship:
+        return FederationRelationship(
+            trust_domain=row[0],
+            bundle_endpoint_url=row[1],
+            profile=row[2],
+            endpoint_spiffe_id=row[3],
+            last_refresh=int(row[4]),
+            next_refresh=int(row[5]),
+            last_error=row[6],
+            created_at=int(row[7]),
+            updated_at=int(row[8]),
+        )
+
+    def create_federation_relationship(self, relationship: FederationRelationship) -> FederationRelationship:
+        now = self._now()
+        stored = FederationRelationship(
+            relationship.trust_domain,
+            relationship.bundle_endpoint_url,
+            relationship.profile,
+            relationship.endpoint_spiffe_id,
+            relationship.last_refresh,
+            relationship.next_refresh,
+            relationship.last_error,
+            now,
+            now,
+        )
+        with self._transaction(write=True) as tx:
+            if tx.query("SELECT 1 FROM federation_relationships WHERE trust_domain = ?", (stored.trust_domain,)):
+                raise AlreadyExists(f"a federation relationship with {stored.trust_domain} already exists")
+            tx.execute(
+                f"INSERT INTO federation_relationships ({_FED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stored.trust_domain,
+                    stored.bundle_endpoint_url,
+                    stored.profile,
+                    stored.endpoint_spiffe_id,
+                    stored.last_refresh,
+                    stored.next_refresh,
+                    stored.last_error,
+                    stored.created_at,
+                    stored.updated_at,
+                ),
+            )
+        return stored
+
+    def get_federation_relationship(self, trust_domain: str) -> FederationRelationship:
+        with self._transaction(write=False) as tx:
+            rows = tx.query(
+                f"SELECT {_FED_COLUMNS} FROM federation_relationships WHERE trust_domain = ?", (trust_domain,)
+            )
+        if not rows:
+            raise NotFound(f"no federation relationship with trust domain {trust_domain!r}")
+        return self._relationship_from_row(rows[0])
+
+    def list_federation_relationships(self) -> list[FederationRelationship]:
+        with self._transaction(write=False) as tx:
+            rows = tx.query(f"SELECT {_FED_COLUMNS} FROM federation_relationships ORDER BY trust_domain")
+        return [self._relationship_from_row(r) for r in rows]
+
+    def update_federation_relationship(self, relationship: FederationRelationship) -> FederationRelationship:
+        now = self._now()
+        r = relationship
+        with self._transaction(write=True) as tx:
+            changed = tx.execute(
+                "UPDATE federation_relationships SET bundle_endpoint_url = ?, profile = ?, endpoint_spiffe_id = ?, "
+                "last_refresh = ?, next_refresh = ?, last_error = ?, updated_at = ? WHERE trust_domain = ?",
+                (
+                    r.bundle_endpoint_url,
+                    r.profile,
+                    r.endpoint_spiffe_id,
+                    r.last_refresh,
+                    r.next_refresh,
+                    r.last_error,
+                    now,
+                    r.trust_domain,
+                ),
+            )
+            if changed == 0:
+                raise NotFound(f"no federation relationship with trust domain {r.trust_domain!r}")
+            rows = tx.query(
+                f"SELECT {_FED_COLUMNS} FROM federation_relationships WHERE trust_domain = ?", (r.trust_domain,)
+            )
+        return self._relationship_from_row(rows[0])
+
+    def delete_federation_relationship(self, trust_domain: str) -> None:
+        with self._transaction(write=True) as tx:
+            self._lock(tx, "bundles")
+            if tx.execute("DELETE FROM federation_relationships WHERE trust_domain = ?", (trust_domain,)) == 0:
+                raise NotFound(f"no federation relationship with trust domain {trust_domain!r}")
+            if tx.execute("DELETE FROM bundles WHERE trust_domain = ?", (trust_domain,)):
+                self._bump(tx, "bundles")
+
+    # ---- issued and revoked X509-SVIDs --------------------------------------------------------------------
+
+    def record_issued_svids(self, svids: Sequence[IssuedSvid]) -> None:
+        if not svids:
+            return
+        with self._transaction(write=True) as tx:
+            for v in svids:
+                tx.execute(
+                    f"INSERT INTO issued_svids ({_ISSUED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (serial) DO UPDATE SET issuer_key_id = excluded.issuer_key_id, "
+                    "spiffe_id = excluded.spiffe_id, entry_id = excluded.entry_id, agent_id = excluded.agent_id, "
+                    "issued_at = excluded.issued_at, expires_at = excluded.expires_at",
+                    (v.serial, v.issuer_key_id, v.spiffe_id, v.entry_id, v.agent_id, v.issued_at, v.expires_at),
+                )
+
+    def list_issued_svids(
+        self,
+        *,
+        serial: str | None = None,
+        entry_id: str | None = None,
+        agent_id: str | None = None,
+        issuer_key_id: str | None = None,
+        unexpired_at: int | None = None,
+    ) -> list[IssuedSvid]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("serial", serial),
+            ("entry_id", entry_id),
+            ("agent_id", agent_id),
+            ("issuer_key_id", issuer_key_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if unexpired_at is not None:
+            clauses.append("expires_at > ?")
+            params.append(unexpired_at)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._transaction(write=False) as tx:
+            rows = tx.query(f"SELECT {_ISSUED_COLUMNS} FROM issued_svids{where} ORDER BY issued_at, serial", params)
+        return [IssuedSvid(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6])) for r in rows]
+
+    def revoke_certificates(self, revoked: Sequence[RevokedCertificate]) -> list[RevokedCertificate]:
+        added: list[RevokedCertificate] = []
+        if not revoked:
+            return added
+        with self._transaction(write=True) as tx:
+            self._lock(tx, "bundles")
+            for r in revoked:
+                if tx.query("SELECT 1 FROM revoked_certificates WHERE serial = ?", (r.serial,)):
+                    continue
+                tx.execute(
+                    f"INSERT INTO revoked_certificates ({_REVOKED_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                    (r.serial, r.issuer_key_id, r.spiffe_id, r.expires_at, r.revoked_at),
+                )
+                added.append(r)
+            if added:
+                self._bump(tx, "bundles")
+        return added
+
+    def list_revoked_certificates(self, *, unexpired_at: int | None = None) -> list[RevokedCertificate]:
+        where, params = ("", []) if unexpired_at is None else (" WHERE expires_at > ?", [unexpired_at])
+        with self._transaction(write=False) as tx:
+            rows = tx.query(
+                f"SELECT {_REVOKED_COLUMNS} FROM revoked_certificates{where} ORDER BY issuer_key_id, serial", params
+            )
+        return [RevokedCertificate(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+
+    def set_crls(self, crls: Sequence[Crl], *, delete_issuers: Sequence[str] = ()) -> None:
+        if not crls and not delete_issuers:
+            return
+        with self._transaction(write=True) as tx:
+            self._lock(tx, "bundles")
+            for c in crls:
+                tx.execute(
+                    "INSERT INTO crls (issuer_key_id, crl, next_update, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (issuer_key_id) DO UPDATE SET crl = excluded.crl, "
+                    "next_update = excluded.next_update, updated_at = excluded.updated_at",
+                    (c.issuer_key_id, bytes(c.crl), c.next_update, c.updated_at),
+                )
+            for issuer in delete_issuers:
+                tx.execute("DELETE FROM crls WHERE issuer_key_id = ?", (issuer,))
+            self._bump(tx, "bundles")
+
+    def list_crls(self) -> list[Crl]:
+        with self._transaction(write=False) as tx:
+            rows = tx.query("SELECT issuer_key_id, crl, next_update, updated_at FROM crls ORDER BY issuer_key_id")
+        return [Crl(r[0], bytes(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def prune_issued_and_revoked(self, now: int) -> int:
+        with self._transaction(write=True) as tx:
+            gone = tx.execute("DELETE FROM issued_svids WHERE expires_at <= ?", (now,))
+            gone += tx.execute("DELETE FROM revoked_certificates WHERE expires_at <= ?", (now,))
+        return gone
 
 
 def iter_all_entries(

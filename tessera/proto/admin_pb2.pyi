@@ -282,3 +282,119 @@ class ActivateCAResponse(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[CASlot]
     def __init__(self, slots: _Optional[_Iterable[_Union[CASlot, _Mapping]]] = ...) -> None: ...
+
+class FederationRelationship(_message.Message):
+    __slots__ = ("trust_domain", "bundle_endpoint_url", "profile", "endpoint_spiffe_id", "last_refresh", "next_refresh", "last_error", "bundle_sequence", "x509_authorities", "jwt_authorities", "has_bundle")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    JWT_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    HAS_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str
+    last_refresh: int
+    next_refresh: int
+    last_error: str
+    bundle_sequence: int
+    x509_authorities: int
+    jwt_authorities: int
+    has_bundle: bool
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle_endpoint_url: _Optional[str] = ..., profile: _Optional[str] = ..., endpoint_spiffe_id: _Optional[str] = ..., last_refresh: _Optional[int] = ..., next_refresh: _Optional[int] = ..., last_error: _Optional[str] = ..., bundle_sequence: _Optional[int] = ..., x509_authorities: _Optional[int] = ..., jwt_authorities: _Optional[int] = ..., has_bundle: _Optional[bool] = ...) -> None: ...
+
+class CreateFederationRelationshipRequest(_message.Message):
+    __slots__ = ("relationship", "bundle", "bundle_format")
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    relationship: FederationRelationship
+    bundle: bytes
+    bundle_format: BundleFormat
+    def __init__(self, relationship: _Optional[_Union[FederationRelationship, _Mapping]] = ..., bundle: _Optional[bytes] = ..., bundle_format: _Optional[_Union[BundleFormat, str]] = ...) -> None: ...
+
+class ListFederationRelationshipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederationRelationshipsResponse(_message.Message):
+    __slots__ = ("relationships",)
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    relationships: _containers.RepeatedCompositeFieldContainer[FederationRelationship]
+    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ...) -> None: ...
+
+class GetFederationRelationshipRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederationRelationshipResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuthorityRequest(_message.Message):
+    __slots__ = ("kind", "key_id", "force")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    key_id: str
+    force: bool
+    def __init__(self, kind: _Optional[str] = ..., key_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class AuthorityResponse(_message.Message):
+    __slots__ = ("slots", "pending_svids")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SVIDS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[CASlot]
+    pending_svids: int
+    def __init__(self, slots: _Optional[_Iterable[_Union[CASlot, _Mapping]]] = ..., pending_svids: _Optional[int] = ...) -> None: ...
+
+class RevokeX509SVIDsRequest(_message.Message):
+    __slots__ = ("serial", "entry_id", "agent_id", "cut_off")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_OFF_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    entry_id: str
+    agent_id: str
+    cut_off: bool
+    def __init__(self, serial: _Optional[str] = ..., entry_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., cut_off: _Optional[bool] = ...) -> None: ...
+
+class RevokedX509SVID(_message.Message):
+    __slots__ = ("serial", "issuer_key_id", "spiffe_id", "expires_at", "revoked_at")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    issuer_key_id: str
+    spiffe_id: str
+    expires_at: int
+    revoked_at: int
+    def __init__(self, serial: _Optional[str] = ..., issuer_key_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., expires_at: _Optional[int] = ..., revoked_at: _Optional[int] = ...) -> None: ...
+
+class RevokeX509SVIDsResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedX509SVID]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedX509SVID, _Mapping]]] = ...) -> None: ...
+
+class ListRevokedX509SVIDsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevokedX509SVIDsResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedX509SVID]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedX509SVID, _Mapping]]] = ...) -> None: ...

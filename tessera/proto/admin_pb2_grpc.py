@@ -794,3 +794,488 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TrustAdminStub:
+    """Federation with other trust domains, forced retirement of CA authorities (taint / revoke), and
+    revocation of single X509-SVIDs. Served on the same admin socket as Admin; `tessera-server federation
+    ...`, `ca taint|revoke` and `x509 revoke` are thin clients of it.
+
+    Status codes as for Admin; FailedPrecondition when the authority cannot be tainted or revoked now (the
+    message says what must happen first), Unavailable when a forced refresh could not reach the endpoint.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateFederationRelationship = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/CreateFederationRelationship',
+                request_serializer=tessera_dot_admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.ListFederationRelationships = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/ListFederationRelationships',
+                request_serializer=tessera_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+                _registered_method=True)
+        self.GetFederationRelationship = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/GetFederationRelationship',
+                request_serializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.UpdateFederationRelationship = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/UpdateFederationRelationship',
+                request_serializer=tessera_dot_admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.DeleteFederationRelationship = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/DeleteFederationRelationship',
+                request_serializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.DeleteFederationRelationshipResponse.FromString,
+                _registered_method=True)
+        self.RefreshFederatedBundle = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/RefreshFederatedBundle',
+                request_serializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.TaintAuthority = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/TaintAuthority',
+                request_serializer=tessera_dot_admin__pb2.AuthorityRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.AuthorityResponse.FromString,
+                _registered_method=True)
+        self.RevokeAuthority = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/RevokeAuthority',
+                request_serializer=tessera_dot_admin__pb2.AuthorityRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.AuthorityResponse.FromString,
+                _registered_method=True)
+        self.RevokeX509SVIDs = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/RevokeX509SVIDs',
+                request_serializer=tessera_dot_admin__pb2.RevokeX509SVIDsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.RevokeX509SVIDsResponse.FromString,
+                _registered_method=True)
+        self.ListRevokedX509SVIDs = channel.unary_unary(
+                '/tessera.admin.v1.TrustAdmin/ListRevokedX509SVIDs',
+                request_serializer=tessera_dot_admin__pb2.ListRevokedX509SVIDsRequest.SerializeToString,
+                response_deserializer=tessera_dot_admin__pb2.ListRevokedX509SVIDsResponse.FromString,
+                _registered_method=True)
+
+
+class TrustAdminServicer:
+    """Federation with other trust domains, forced retirement of CA authorities (taint / revoke), and
+    revocation of single X509-SVIDs. Served on the same admin socket as Admin; `tessera-server federation
+    ...`, `ca taint|revoke` and `x509 revoke` are thin clients of it.
+
+    Status codes as for Admin; FailedPrecondition when the authority cannot be tainted or revoked now (the
+    message says what must happen first), Unavailable when a forced refresh could not reach the endpoint.
+    """
+
+    def CreateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationRelationships(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateFederationRelationship(self, request, context):
+        """Replaces the endpoint URL, profile and endpoint SPIFFE ID (and the bundle, when one is given).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationRelationship(self, request, context):
+        """Deletes the relationship AND the federated bundle it maintained: workloads stop trusting that trust
+        domain at their next update.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshFederatedBundle(self, request, context):
+        """Fetches the foreign bundle now; the relationship's last_error says why when it failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TaintAuthority(self, request, context):
+        """Marks an old X.509 CA or JWT key tainted: agents re-issue every SVID it signed at their next sync.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAuthority(self, request, context):
+        """Removes a tainted, no longer active authority from the bundle (and destroys its key). Refused while an
+        unexpired SVID it signed has not been re-issued by another authority, unless `force`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeX509SVIDs(self, request, context):
+        """Puts X509-SVIDs on the CA's certificate revocation lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevokedX509SVIDs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrustAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationRelationship,
+                    request_deserializer=tessera_dot_admin__pb2.CreateFederationRelationshipRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'ListFederationRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederationRelationships,
+                    request_deserializer=tessera_dot_admin__pb2.ListFederationRelationshipsRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.ListFederationRelationshipsResponse.SerializeToString,
+            ),
+            'GetFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationRelationship,
+                    request_deserializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'UpdateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFederationRelationship,
+                    request_deserializer=tessera_dot_admin__pb2.CreateFederationRelationshipRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'DeleteFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationRelationship,
+                    request_deserializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.DeleteFederationRelationshipResponse.SerializeToString,
+            ),
+            'RefreshFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshFederatedBundle,
+                    request_deserializer=tessera_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'TaintAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.TaintAuthority,
+                    request_deserializer=tessera_dot_admin__pb2.AuthorityRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.AuthorityResponse.SerializeToString,
+            ),
+            'RevokeAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAuthority,
+                    request_deserializer=tessera_dot_admin__pb2.AuthorityRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.AuthorityResponse.SerializeToString,
+            ),
+            'RevokeX509SVIDs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeX509SVIDs,
+                    request_deserializer=tessera_dot_admin__pb2.RevokeX509SVIDsRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.RevokeX509SVIDsResponse.SerializeToString,
+            ),
+            'ListRevokedX509SVIDs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevokedX509SVIDs,
+                    request_deserializer=tessera_dot_admin__pb2.ListRevokedX509SVIDsRequest.FromString,
+                    response_serializer=tessera_dot_admin__pb2.ListRevokedX509SVIDsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.admin.v1.TrustAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.admin.v1.TrustAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TrustAdmin:
+    """Federation with other trust domains, forced retirement of CA authorities (taint / revoke), and
+    revocation of single X509-SVIDs. Served on the same admin socket as Admin; `tessera-server federation
+    ...`, `ca taint|revoke` and `x509 revoke` are thin clients of it.
+
+    Status codes as for Admin; FailedPrecondition when the authority cannot be tainted or revoked now (the
+    message says what must happen first), Unavailable when a forced refresh could not reach the endpoint.
+    """
+
+    @staticmethod
+    def CreateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/CreateFederationRelationship',
+            tessera_dot_admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+            tessera_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/ListFederationRelationships',
+            tessera_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+            tessera_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/GetFederationRelationship',
+            tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            tessera_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/UpdateFederationRelationship',
+            tessera_dot_admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+            tessera_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/DeleteFederationRelationship',
+            tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            tessera_dot_admin__pb2.DeleteFederationRelationshipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/RefreshFederatedBundle',
+            tessera_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            tessera_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TaintAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/TaintAuthority',
+            tessera_dot_admin__pb2.AuthorityRequest.SerializeToString,
+            tessera_dot_admin__pb2.AuthorityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/RevokeAuthority',
+            tessera_dot_admin__pb2.AuthorityRequest.SerializeToString,
+            tessera_dot_admin__pb2.AuthorityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeX509SVIDs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/RevokeX509SVIDs',
+            tessera_dot_admin__pb2.RevokeX509SVIDsRequest.SerializeToString,
+            tessera_dot_admin__pb2.RevokeX509SVIDsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevokedX509SVIDs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.admin.v1.TrustAdmin/ListRevokedX509SVIDs',
+            tessera_dot_admin__pb2.ListRevokedX509SVIDsRequest.SerializeToString,
+            tessera_dot_admin__pb2.ListRevokedX509SVIDsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
