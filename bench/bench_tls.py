@@ -151,7 +151,7 @@ def compare(name: str, sdk: Callable[[], None], plain: Callable[[], None], secon
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="time per measurement and side")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     ca = TestCA("example.org")

@@ -299,12 +299,25 @@ class AsyncSpiffeServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[
 # -- client channels -------------------------------------------------------------------------------------
 
 
+_last_credentials: tuple[X509Snapshot, grpc.ChannelCredentials] | None = None
+
+
 def channel_credentials(snapshot: X509Snapshot) -> grpc.ChannelCredentials:
-    """Credentials presenting the snapshot's SVID and trusting its bundles (fixed: see SpiffeChannel)."""
+    """Credentials presenting the snapshot's SVID and trusting its bundles (fixed: see SpiffeChannel).
+
+    The last one is kept, so channels opened one after another from the same source share one credentials
+    object instead of serializing the key and chain each time.
+    """
+    global _last_credentials
+    last = _last_credentials
+    if last is not None and last[0] is snapshot:
+        return last[1]
     svid = snapshot.svid
-    return grpc.ssl_channel_credentials(
+    credentials = grpc.ssl_channel_credentials(
         root_certificates=_bundle_pem(snapshot), private_key=svid.key_pem(), certificate_chain=svid.chain_pem()
     )
+    _last_credentials = (snapshot, credentials)
+    return credentials
 
 
 class _RotatingMultiCallable:
