@@ -9,6 +9,7 @@ surfacing later as a confusing runtime failure.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,9 @@ from tessera.sdk.errors import TesseraError
 Kind = Literal["str", "int", "float", "bool", "duration", "list", "path"]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
+MAX_DURATION = 100 * 365 * 86400.0
+"""A century: longer is a typo, and would overflow datetime arithmetic."""
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -35,14 +38,21 @@ def parse_duration(value: str | int | float, key: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration such as 90s, 10m, 1h or 7d, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{key}: duration must not be negative, got {value!r}")
-        return float(value)
-    match = _DURATION.match(value)
-    if not match:
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match:
+            raise ConfigError(f"{key}: expected a duration such as 90s, 10m, 1h or 7d, got {value!r}")
+        number, unit = match.groups()
+        seconds = float(number) * _UNITS[unit or "s"]
+    if math.isnan(seconds):
         raise ConfigError(f"{key}: expected a duration such as 90s, 10m, 1h or 7d, got {value!r}")
-    number, unit = match.groups()
-    return float(number) * _UNITS[unit or "s"]
+    if seconds < 0:
+        raise ConfigError(f"{key}: duration must not be negative, got {value!r}")
+    if seconds > MAX_DURATION:
+        # inf or absurdly long values would overflow datetime arithmetic later, far from the typo.
+        raise ConfigError(f"{key}: duration {value!r} is longer than the {MAX_DURATION / 86400 / 365:g} years allowed")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,10 @@ def read_config_file(path: str | Path, table: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not readable (permission denied)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     if table in data:
         section = data[table]
         if not isinstance(section, dict):

@@ -185,13 +185,13 @@ def _check_header(token: str) -> dict[str, Any]:
     except jwt.PyJWTError as exc:
         raise SvidError(f"JWT-SVID header is malformed: {exc}") from None
     alg = header.get("alg")
-    if alg not in ALLOWED_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
         raise SvidError(f"JWT-SVID algorithm {alg!r} is not allowed; expected one of {sorted(ALLOWED_ALGORITHMS)}")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise SvidError("JWT-SVID header has no 'kid'; it is required to pick the signing key")
     typ = header.get("typ")
-    if typ is not None and typ not in ALLOWED_TYPES:
+    if typ is not None and (not isinstance(typ, str) or typ not in ALLOWED_TYPES):
         raise SvidError(f"JWT-SVID header 'typ' is {typ!r}; only 'JWT' or 'JOSE' are allowed")
     crit = header.get("crit")
     if crit is not None:

@@ -10,6 +10,7 @@ the key is one the trust domain accepts. Each failure raises a precise :class:`B
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tessera.sdk.keys import PublicKey
@@ -72,16 +73,16 @@ def _parse(der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
         raise BadCsrError("CSR is PEM; send the DER encoding (the bytes between the PEM lines, base64-decoded)")
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise BadCsrError(f"CSR is not a valid DER PKCS#10 request: {exc}") from None
     try:
         raw_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise WeakKeyError(f"CSR public key is of an unsupported type: {exc}") from None
     public_key = check_public_key(raw_key)
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise BadCsrError(f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise BadCsrError("CSR signature does not verify (the request was corrupted or not signed by its key)")
