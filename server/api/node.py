@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,9 @@ MAX_INCREMENTAL_CHANGES = 5000
 ATTEST_STEP_TIMEOUT = 30.0
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_BYTES = 1024
+MAX_CONCURRENT_SIGNING = max(2, min(8, os.cpu_count() or 2))
+"""Batches signed at once; more wait their turn, so signing never takes every worker thread from the datastore
+calls (syncs, authorization) of other agents, and a burst of rotations queues instead of thrashing."""
 
 _REFUSAL_CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -144,6 +148,7 @@ class NodeServicer(ngrpc.NodeServicer):
         self._peers = peers
         self._clock = clock
         self._entries = EntryCache(datastore)
+        self._signing = asyncio.Semaphore(MAX_CONCURRENT_SIGNING)
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -339,7 +344,8 @@ class NodeServicer(ngrpc.NodeServicer):
             raise authorized
         if isinstance(checked, BaseException):
             raise checked
-        results = await asyncio.to_thread(self._sign_batch, requests, checked, authorized)
+        async with self._signing:
+            results = await asyncio.to_thread(self._sign_batch, requests, checked, authorized)
         log.debug(
             "signed %d X509-SVIDs in %.1f ms",
             len(results),
