@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from tessera.proto import admin_pb2, node_pb2
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2_grpc as ngrpc
+from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.config import ConfigError, load_settings
 from tessera.sdk.errors import TesseraError
 from tessera.sdk.keys import PrivateKey, generate_key
@@ -44,6 +45,7 @@ from tessera.sdk.x509profile import build_x509_svid
 from tessera.server.api.admin import AdminServicer, AdminSettings
 from tessera.server.api.authority import CaManagerAuthority
 from tessera.server.api.node import NodeServicer, NodeSettings
+from tessera.server.api.publisher import BundlePublisher, authority_ids, same_authorities
 from tessera.server.api.tls_front import PeerRegistry, TlsFront, build_server_context
 from tessera.server.attestation.base import NodeAttestor
 from tessera.server.attestation.join_token import JoinTokenAttestor
@@ -52,7 +54,7 @@ from tessera.server.ca.manager import CaConfig, CaManager
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
 from tessera.server.datastore import Datastore, open_datastore
-from tessera.server.errors import NotFound, ServerError
+from tessera.server.errors import ServerError
 
 log = logging.getLogger("tessera.server")
 
@@ -137,6 +139,9 @@ class ServerApp:
         self._authority: CaManagerAuthority | None = None
         self._svid: ServerSvid | None = None
         self._published_sequence = -1
+        self._bundles_revision = -1
+        self._bundle: SpiffeBundle | None = None
+        self._publisher: BundlePublisher | None = None
         self._last_prune = 0.0
         self._registry = PeerRegistry()
         self._front: TlsFront | None = None
@@ -182,7 +187,8 @@ class ServerApp:
             max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
         )
         self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
-        self._authority = CaManagerAuthority(self._ca)
+        self._publisher = BundlePublisher(self._ds, cfg.trust_domain, cfg.data_dir / "published_authorities.json")
+        self._authority = CaManagerAuthority(self._ca, bundle=lambda: self.bundle)
         self._publish_bundle()
         self._svid = self._issue_server_svid()
 
@@ -220,26 +226,49 @@ class ServerApp:
         )
         return ServerSvid(chain=(leaf, *authority.chain_from_ca), key=key)
 
+    @property
+    def bundle(self) -> SpiffeBundle:
+        """The trust domain's published bundle: this server's authorities and those of servers sharing the store."""
+        assert self._bundle is not None
+        return self._bundle
+
     def _publish_bundle(self) -> bool:
-        """Writes the CA's bundle to the datastore when it changed; True when it did."""
+        """Merges this server's authorities into the stored bundle when they changed; True when it did."""
+        assert self._publisher is not None
         sequence = self.ca.bundle_sequence
         if sequence == self._published_sequence:
             return False
-        document = self.ca.bundle().to_document()
-        td = self.config.trust_domain.name
-        try:
-            stored = self.datastore.get_bundle(td).document
-        except NotFound:
-            stored = None
-        if stored != document:
-            self.datastore.set_bundle(td, document)
-            log.info("trust bundle published", extra={"sequence": sequence})
+        self._bundle = self._publisher.publish(self.ca.bundle(), dt.datetime.now(dt.UTC))
         self._published_sequence = sequence
+        self._bundles_revision = -1  # re-read below: another server may have written since
+        return True
+
+    def _refresh_bundle(self, now: dt.datetime) -> bool:
+        """Follows bundle writes by other servers sharing the store; True when the authorities changed."""
+        assert self._publisher is not None
+        revision = self.datastore.revisions().bundles
+        if revision == self._bundles_revision:
+            return False
+        stored, _ = self._publisher.stored()
+        self._bundles_revision = revision
+        mine = authority_ids(self.ca.bundle())
+        stale = stored is None or not mine <= authority_ids(stored)
+        expired = stored is not None and any(c.not_valid_after_utc <= now for c in stored.x509_authorities)
+        if stale or expired:  # ours went missing (or must be pruned): merge and write again
+            self._published_sequence = -1
+            self._publish_bundle()
+            stored = self._bundle
+        assert stored is not None
+        if self._bundle is not None and same_authorities(stored, self._bundle):
+            self._bundle = stored
+            return False
+        self._bundle = stored
+        log.info("trust bundle changed in the datastore", extra={"x509_authorities": len(stored.x509_authorities)})
         return True
 
     def _tls_context(self) -> ssl.SSLContext:
         svid = self.server_svid
-        return build_server_context(svid.chain, svid.key, self.ca.bundle_x509_authorities())
+        return build_server_context(svid.chain, svid.key, self.bundle.x509_authorities)
 
     async def start(self) -> None:
         cfg = self.config
@@ -331,6 +360,7 @@ class ServerApp:
             for event in self.ca.tick(now):
                 log.info("CA rotation: %s %s %s", event.kind, event.action.name.lower(), ",".join(event.ids))
             bundle_changed = self._publish_bundle()
+            bundle_changed = self._refresh_bundle(now) or bundle_changed
             svid_changed = False
             active = self.ca.active_x509_authority
             svid = self.server_svid

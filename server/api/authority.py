@@ -7,7 +7,7 @@ and the CA manager can change its internals freely. :class:`tessera.server.app` 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,8 +63,11 @@ class Authority(Protocol):
 class CaManagerAuthority:
     """Adapts :class:`tessera.server.ca.manager.CaManager` to :class:`Authority`."""
 
-    def __init__(self, manager: CaManager) -> None:
+    def __init__(self, manager: CaManager, bundle: Callable[[], SpiffeBundle] | None = None) -> None:
+        """``bundle`` gives the trust domain's published bundle (all servers' authorities); default: this
+        server's own."""
         self.manager = manager
+        self._bundle = bundle or manager.bundle
 
     def sign_x509_svid(
         self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: float, dns_names: Sequence[str] = ()
@@ -75,7 +78,7 @@ class CaManagerAuthority:
         return self.manager.mint_jwt_svid(spiffe_id, list(audience), ttl)
 
     def trust_bundle(self) -> SpiffeBundle:
-        return self.manager.bundle()
+        return self._bundle()
 
     def tainted_key_ids(self) -> list[str]:
         return [a.id for a in self.manager.authorities() if a.kind == "x509" and a.tainted]
