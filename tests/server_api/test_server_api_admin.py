@@ -293,3 +293,15 @@ def test_restart_loses_nothing_and_rotates_nothing(tmp_path: Path) -> None:
     finally:
         srv.stop()
         cleanup(sock_dir)
+
+
+def test_reflection_lists_the_services(server: RunningServer) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{server.config.socket_path}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"tessera.admin.v1.Admin", "grpc.health.v1.Health"} <= names
