@@ -73,6 +73,24 @@ def _check_csrs(requests: Sequence[npb.X509SignRequest]) -> list[PublicKey]:
     return [_check_csr(req.csr, f"entry {req.entry_id}") for req in requests]
 
 
+_PAGE_MARK = "s1."
+
+
+def _make_page_token(floor: int, inner: str) -> str:
+    """Carries the revision floor of the first page across the pages of one full sync."""
+    return f"{_PAGE_MARK}{floor}.{inner}"
+
+
+def _parse_page_token(token: str) -> tuple[int | None, str]:
+    if not token:
+        return None, ""
+    prefix, _, rest = token.partition(_PAGE_MARK)
+    floor_text, sep, inner = rest.partition(".")
+    if prefix or not sep or not floor_text.isdigit() or not inner:
+        raise invalid("page_token was not issued by this server's Sync; start again without it")
+    return int(floor_text), inner
+
+
 def entry_is_live(entry: RegistrationEntry, now: float) -> bool:
     return entry.expires_at is None or entry.expires_at > now
 
@@ -157,11 +175,14 @@ class NodeServicer(ngrpc.NodeServicer):
         leaf = peer.leaf if peer is not None else None
         return await asyncio.to_thread(authorize_agent, leaf, self._ds, self._td, self._clock())
 
-    async def _parents(self, agent: AttestedAgent) -> list[str]:
+    def _parents_now(self, agent: AttestedAgent) -> list[str]:
         """The parent IDs whose entries this agent may use: itself plus the node aliases matching it."""
-        aliases = await asyncio.to_thread(self._ds.node_alias_entries_matching, agent.selectors)
+        aliases = self._ds.node_alias_entries_matching(agent.selectors)
         now = self._clock()
         return [agent.spiffe_id, *sorted({a.spiffe_id for a in aliases if entry_is_live(a, now)})]
+
+    async def _parents(self, agent: AttestedAgent) -> list[str]:
+        return await asyncio.to_thread(self._parents_now, agent)
 
     def _sign_agent(self, key: PublicKey, agent_id: SpiffeId) -> list[x509.Certificate]:
         return self._ca.sign_x509_svid(key, agent_id, self._settings.agent_ttl)
@@ -269,34 +290,39 @@ class NodeServicer(ngrpc.NodeServicer):
     @handle_errors
     async def Sync(self, request: npb.SyncRequest, context: grpc.aio.ServicerContext[Any, Any]) -> npb.SyncResponse:
         caller = await self._caller(context)
-        parents = await self._parents(caller.agent)
-        revisions = await asyncio.to_thread(self._ds.revisions)
+        # All reads and the (possibly 5000-entry) message building run in one worker thread.
+        return await asyncio.to_thread(self._sync, caller, request)
+
+    def _sync(self, caller: AuthorizedAgent, request: npb.SyncRequest) -> npb.SyncResponse:
+        floor, inner_token = _parse_page_token(request.page_token)
+        # Revisions are read before the parents are worked out: an alias change made after this read has a
+        # higher revision than what the agent is told it holds, so its next sync is a full one.
+        revisions = self._ds.revisions()
+        floor = revisions.entries if floor is None else min(floor, revisions.entries)
+        parents = self._parents_now(caller.agent)
         response = npb.SyncResponse()
         held = request.entries_revision
         full = bool(request.page_token) or held == 0 or revisions.node_aliases > held or held > revisions.entries
         if not full:
-            changes = await asyncio.to_thread(
-                self._ds.entries_changed_since, parents, held, max_changes=MAX_INCREMENTAL_CHANGES
-            )
+            changes = self._ds.entries_changed_since(parents, held, max_changes=MAX_INCREMENTAL_CHANGES)
             if changes.full_sync_required:
                 full = True
             else:
                 response.entries.extend(entry_to_proto(e) for e in changes.upserts)
                 response.removed_entry_ids.extend(changes.removed_ids)
-                response.entries_revision = changes.revision
+                response.entries_revision = min(changes.revision, floor)
         if full:
-            page = await asyncio.to_thread(
-                self._ds.entries_for_parents, parents, page_size=SYNC_PAGE_SIZE, page_token=request.page_token
-            )
+            page = self._ds.entries_for_parents(parents, page_size=SYNC_PAGE_SIZE, page_token=inner_token)
             response.full = True
             response.entries.extend(entry_to_proto(e) for e in page.items)
-            response.entries_revision = page.revision
-            response.next_page_token = page.next_page_token
+            response.entries_revision = min(page.revision, floor)
+            if page.next_page_token:
+                response.next_page_token = _make_page_token(floor, page.next_page_token)
         if request.bundles_revision != revisions.bundles or request.bundles_revision == 0:
-            for bundle in await asyncio.to_thread(self._ds.list_bundles):
+            for bundle in self._ds.list_bundles():
                 response.bundles["spiffe://" + bundle.trust_domain] = bundle.document
         response.bundles_revision = revisions.bundles
-        tainted = await asyncio.to_thread(self._ca.tainted_key_ids)
+        tainted = self._ca.tainted_key_ids()
         response.tainted_authorities.extend(tainted)
         response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted)
         return response
