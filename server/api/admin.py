@@ -233,6 +233,8 @@ class AdminServicer(agrpc.AdminServicer):
             if agent_id == self._settings.server_id:
                 raise invalid("spiffe_id: that is the server's own ID")
         secret = secrets.token_urlsafe(32)
+        while secret.startswith("-"):  # `--join-token -x...` would read as a missing value on any CLI
+            secret = secrets.token_urlsafe(32)
         expires_at = int(self._clock() + ttl)
         record = await asyncio.to_thread(
             self._ds.create_join_token, secret, expires_at, spiffe_id=str(agent_id) if agent_id else None
