@@ -346,11 +346,12 @@ def make_plan(requested: str, workdir: Path) -> Plan:
     if requested not in ("auto", "same-user"):
         raise DemoError(f"--mode {requested} needs root (to start processes as other users or groups)")
     ident = Identity(uid, gid, me)
+    why = "Not running as root, so" if uid != 0 else "As asked (--mode same-user),"
+    hint = " Run the demo as root to see the agent tell workloads apart by user (uid)." if uid != 0 else ""
     return Plan(
         "same-user", ident, ident, [f"unix:uid:{uid}"], [f"unix:uid:{uid}"], same_python,
-        f"Not running as root, so both workloads run as you ({me}, uid {uid}): the agent offers both "
-        "identities to both processes and each picks its own by SPIFFE ID. Run the demo as root to see the "
-        "agent tell workloads apart by user (uid).",
+        f"{why} both workloads run as you ({me}, uid {uid}): the agent offers both identities to both "
+        f"processes and each picks its own by SPIFFE ID.{hint}",
     )
 
 
@@ -485,9 +486,9 @@ class Demo:
             self.python, "-m", "tessera.agent", "run", "--trust-domain", TRUST_DOMAIN,
             "--server-address", f"127.0.0.1:{self.port}", "--trust-bundle", str(self.dir / "bundle.pem"),
             "--data-dir", str(self.dir / "agent"), "--socket", self.agent_socket,
-            "--sync-interval", "2s", "--join-token", token,
+            "--sync-interval", "2s", f"--join-token={token}",
         ]
-        out.detail("$ " + self.shown(["tessera-agent", *agent_argv[3:-1], "<token>"]))
+        out.detail("$ " + self.shown(["tessera-agent", *agent_argv[3:-1]]) + " --join-token <the token>")
         self.agent = self.procs.start("agent", agent_argv, cwd=str(self.dir))
         took = self.wait("waiting for the agent to attest and open the Workload API",
                          lambda: self.healthy("tessera.agent", self.agent_socket), self.agent, 60)
