@@ -55,6 +55,14 @@ _MAX_STEPS_PER_TICK = 8
 _MAX_DNS_NAME = 253
 
 
+class UnknownAuthorityError(CaError):
+    """No authority with that key id is held."""
+
+
+class AuthorityStateError(CaError):
+    """The authority is in a state that does not allow the operation (the message says what to do first)."""
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -250,6 +258,7 @@ class CaManager:
         self._digest = ""
         self._dirty = False
         self._loaded = False
+        self._jwt_minted_until: dict[str, datetime] = {}
 
     @classmethod
     def open(
@@ -433,6 +442,86 @@ class CaManager:
                 events.append(self._jwt_step(Action.ACTIVATE, now, retired))
             self._commit(True, retired)
             return events
+
+    # ---- forced retirement (taint / revoke) ---------------------------------------------------------
+
+    def _find(self, kind: str, key_id: str) -> X509Authority | JwtKey:
+        if kind not in ("x509", "jwt"):
+            raise ValueError(f"authority kind must be 'x509' or 'jwt', got {kind!r}")
+        wanted = key_id.strip().lower()
+        items: Sequence[X509Authority | JwtKey] = self._x509.all() if kind == "x509" else self._jwt.all()
+        for item in items:
+            if (item.key_id if isinstance(item, X509Authority) else item.kid).lower() == wanted:
+                return item
+        known = ", ".join((a.key_id if isinstance(a, X509Authority) else a.kid) for a in items) or "none"
+        raise UnknownAuthorityError(f"no {kind} authority with id {key_id!r} (held: {known})")
+
+    def taint(self, kind: str, key_id: str) -> bool:
+        """Marks an old authority tainted: SVIDs it signed must be re-issued now (agents learn it at their next
+        sync). Only an old authority can be tainted: activate a replacement first, or every SVID re-issued
+        would be signed by the tainted key again. Returns False when it was tainted already."""
+        with self._lock:
+            self._require_loaded()
+            item = self._find(kind, key_id)
+            if item.status is Status.ACTIVE:
+                raise AuthorityStateError(
+                    f"{kind} authority {key_id} is active; run `ca prepare` and `ca activate` first, then taint it"
+                )
+            if item.status is Status.PREPARED:
+                raise AuthorityStateError(
+                    f"{kind} authority {key_id} is only prepared and signed nothing; `ca prepare` replaces it"
+                )
+            if item.tainted:
+                return False
+            if isinstance(item, X509Authority):
+                self._x509 = replace(
+                    self._x509, old=tuple(replace(a, tainted=True) if a is item else a for a in self._x509.old)
+                )
+            else:
+                self._jwt = replace(
+                    self._jwt, old=tuple(replace(k, tainted=True) if k is item else k for k in self._jwt.old)
+                )
+            self._commit(True, ())
+            log.warning("%s authority %s tainted: everything it signed is being re-issued", kind, key_id)
+            return True
+
+    def jwt_minted_until(self, kid: str) -> datetime | None:
+        """The latest expiry of a JWT-SVID minted with ``kid`` since this process started (None: none seen)."""
+        return self._jwt_minted_until.get(kid)
+
+    def revoke(self, kind: str, key_id: str) -> None:
+        """Removes a tainted old authority from the bundle and destroys its key, so nothing it signed verifies.
+
+        Whether SVIDs it signed are still in use is for the caller to check first (the CA does not track
+        issued SVIDs); this refuses only what is wrong in the CA itself: an authority that is not tainted, or
+        an X.509 CA signed by an upstream authority (the bundle holds the upstream root, so removing the
+        intermediate here would not stop its chains from verifying: revoke it in the upstream PKI).
+        """
+        with self._lock:
+            self._require_loaded()
+            item = self._find(kind, key_id)
+            if item.status is not Status.OLD or not item.tainted:
+                raise AuthorityStateError(
+                    f"{kind} authority {key_id} is {item.status.value}"
+                    f"{'' if item.tainted else ' and not tainted'}; only a tainted old authority can be revoked "
+                    "(activate a replacement, taint this one, wait for SVIDs to be re-issued, then revoke)"
+                )
+            if isinstance(item, X509Authority):
+                if self.upstream is not None:
+                    raise AuthorityStateError(
+                        f"X.509 CA {key_id} is signed by the upstream authority, whose root stays in the bundle; "
+                        "revoke it in the upstream PKI (its CRL) instead"
+                    )
+                self._x509 = replace(self._x509, old=tuple(a for a in self._x509.old if a is not item))
+            else:
+                self._jwt = replace(self._jwt, old=tuple(k for k in self._jwt.old if k is not item))
+                self._jwt_minted_until.pop(item.kid, None)
+            self._commit(True, (item.slot_id,))
+            log.warning("%s authority %s revoked: removed from the bundle, key destroyed", kind, key_id)
+
+    def held_x509_authorities(self) -> tuple[X509Authority, ...]:
+        """Every X.509 CA held (prepared, active, old), oldest first: each signs its own CRL."""
+        return self._x509.all()
 
     def next_event_at(self, now: datetime | None = None) -> datetime | None:
         """When :meth:`tick` next has something to do (``now`` if already due): sleep exactly until then.
@@ -747,6 +836,9 @@ class CaManager:
         if expires_at <= issued_at:
             raise CaNotReadyError(f"JWT key {jwt_key.kid} expires now; cannot mint a JWT-SVID")
         token = mint_jwt_svid(jwt_key.key.signer, jwt_key.kid, sid, audiences, expires_at, issued_at)
+        previous = self._jwt_minted_until.get(jwt_key.kid)
+        if previous is None or expires_at > previous:
+            self._jwt_minted_until[jwt_key.kid] = expires_at
         return token, expires_at
 
 

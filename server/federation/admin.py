@@ -1,0 +1,322 @@
+"""The ``TrustAdmin`` admin service (proto/tessera/admin.proto): federation relationships, forced retirement of
+CA authorities (taint / revoke) and revocation of single X509-SVIDs. Served on the admin socket next to
+``Admin``; validation happens here so every client gets the same one-line answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from tessera.proto import admin_pb2 as apb
+from tessera.proto import admin_pb2_grpc as agrpc
+from tessera.sdk.bundle import SpiffeBundle, X509Bundle
+from tessera.sdk.errors import BundleError
+from tessera.sdk.spiffeid import TrustDomain
+from tessera.server.api.status import ApiError, handle_errors, invalid
+from tessera.server.ca.crl import parse_serial, serial_hex
+from tessera.server.ca.manager import CaManager, UnknownAuthorityError
+from tessera.server.ca.revocation import RevocationTarget, pending_reissue, revoke_x509_svids
+from tessera.server.datastore.base import Datastore, FederationRelationship, RevokedCertificate
+from tessera.server.errors import NotFound
+from tessera.server.federation.fetch import check_endpoint
+from tessera.server.federation.refresher import FederationRefresher
+
+log = logging.getLogger("tessera.server.federation.admin")
+
+MAX_BUNDLE_BYTES = 1024 * 1024
+
+
+def _slots(ca: CaManager) -> list[apb.CASlot]:
+    return [
+        apb.CASlot(
+            kind=a.kind,
+            state=str(a.status),
+            key_id=a.id,
+            not_before=int(a.not_before.timestamp()),
+            not_after=int(a.not_after.timestamp()),
+            key_type=a.key_kind,
+            tainted=a.tainted,
+        )
+        for a in ca.authorities()
+    ]
+
+
+def _revoked_to_proto(r: RevokedCertificate) -> apb.RevokedX509SVID:
+    return apb.RevokedX509SVID(
+        serial=r.serial,
+        issuer_key_id=r.issuer_key_id,
+        spiffe_id=r.spiffe_id,
+        expires_at=r.expires_at,
+        revoked_at=r.revoked_at,
+    )
+
+
+class TrustAdminServicer(agrpc.TrustAdminServicer):
+    def __init__(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        datastore: Datastore,
+        ca: CaManager,
+        refresher: FederationRefresher,
+        on_ca_change: Callable[[], None] = lambda: None,
+        on_revocation: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._td = trust_domain
+        self._ds = datastore
+        self._ca = ca
+        self._refresher = refresher
+        self._on_ca_change = on_ca_change
+        self._on_revocation = on_revocation
+        self._clock = clock
+
+    # ------------------------------------------------------------------------------------------ federation
+
+    def _to_proto(self, r: FederationRelationship) -> apb.FederationRelationship:
+        message = apb.FederationRelationship(
+            trust_domain=r.trust_domain,
+            bundle_endpoint_url=r.bundle_endpoint_url,
+            profile=r.profile,
+            endpoint_spiffe_id=r.endpoint_spiffe_id,
+            last_refresh=r.last_refresh,
+            next_refresh=r.next_refresh,
+            last_error=r.last_error,
+        )
+        try:
+            stored = self._ds.get_bundle(r.trust_domain)
+            bundle = SpiffeBundle.from_document(r.trust_domain, stored.document)
+        except (NotFound, BundleError):
+            return message
+        message.has_bundle = True
+        message.bundle_sequence = bundle.sequence
+        message.x509_authorities = len(bundle.x509_authorities)
+        message.jwt_authorities = len(bundle.jwt_authorities)
+        return message
+
+    def _check(self, request: apb.CreateFederationRelationshipRequest) -> tuple[FederationRelationship, bytes | None]:
+        r = request.relationship
+        profile = r.profile or "https_web"
+        try:
+            endpoint = check_endpoint(r.trust_domain, r.bundle_endpoint_url, profile, r.endpoint_spiffe_id)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        if endpoint.trust_domain == self._td:
+            raise invalid(f"trust_domain: {self._td} is this server's own trust domain")
+        document: bytes | None = None
+        if request.bundle:
+            if len(request.bundle) > MAX_BUNDLE_BYTES:
+                raise invalid(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
+            td = endpoint.trust_domain
+            try:
+                if request.bundle_format == apb.BundleFormat.BUNDLE_FORMAT_SPIFFE:
+                    bundle = SpiffeBundle.from_document(td, request.bundle)
+                else:
+                    bundle = SpiffeBundle(td, X509Bundle.parse_pem(td, request.bundle).authorities, {})
+            except (BundleError, ValueError) as exc:
+                raise invalid(f"bundle: not a valid bundle for {td}: {exc}") from None
+            if not bundle.x509_authorities and not bundle.jwt_authorities:
+                raise invalid("bundle: it holds no authority")
+            document = bundle.to_document()
+        elif profile == "https_spiffe":
+            raise invalid(
+                "bundle: the https_spiffe profile needs the foreign trust domain's bundle to authenticate its "
+                "endpoint (give --bundle-file)"
+            )
+        relationship = FederationRelationship(
+            trust_domain=endpoint.trust_domain.name,
+            bundle_endpoint_url=endpoint.url,
+            profile=profile,
+            endpoint_spiffe_id=str(endpoint.endpoint_id) if endpoint.endpoint_id else "",
+            next_refresh=int(self._clock()),
+        )
+        return relationship, document
+
+    @handle_errors
+    async def CreateFederationRelationship(
+        self, request: apb.CreateFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.FederationRelationship:
+        relationship, document = self._check(request)
+        stored = await asyncio.to_thread(self._ds.create_federation_relationship, relationship)
+        if document is not None:
+            await asyncio.to_thread(self._ds.set_bundle, stored.trust_domain, document)
+        log.info(
+            "federation relationship created",
+            extra={"trust_domain": stored.trust_domain, "url": stored.bundle_endpoint_url, "profile": stored.profile},
+        )
+        return await asyncio.to_thread(self._to_proto, stored)
+
+    @handle_errors
+    async def UpdateFederationRelationship(
+        self, request: apb.CreateFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.FederationRelationship:
+        relationship, document = self._check(request)
+        current = await asyncio.to_thread(self._ds.get_federation_relationship, relationship.trust_domain)
+        updated = replace(
+            current,
+            bundle_endpoint_url=relationship.bundle_endpoint_url,
+            profile=relationship.profile,
+            endpoint_spiffe_id=relationship.endpoint_spiffe_id,
+            next_refresh=relationship.next_refresh,
+            last_error="",
+        )
+        stored = await asyncio.to_thread(self._ds.update_federation_relationship, updated)
+        if document is not None:
+            await asyncio.to_thread(self._ds.set_bundle, stored.trust_domain, document)
+        log.info("federation relationship updated", extra={"trust_domain": stored.trust_domain})
+        return await asyncio.to_thread(self._to_proto, stored)
+
+    def _name(self, text: str) -> str:
+        try:
+            return TrustDomain.parse(text).name
+        except Exception as exc:
+            raise invalid(f"trust_domain: {exc}") from None
+
+    @handle_errors
+    async def GetFederationRelationship(
+        self, request: apb.GetFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.FederationRelationship:
+        stored = await asyncio.to_thread(self._ds.get_federation_relationship, self._name(request.trust_domain))
+        return await asyncio.to_thread(self._to_proto, stored)
+
+    @handle_errors
+    async def ListFederationRelationships(
+        self, request: apb.ListFederationRelationshipsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.ListFederationRelationshipsResponse:
+        def build() -> list[apb.FederationRelationship]:
+            return [self._to_proto(r) for r in self._ds.list_federation_relationships()]
+
+        return apb.ListFederationRelationshipsResponse(relationships=await asyncio.to_thread(build))
+
+    @handle_errors
+    async def DeleteFederationRelationship(
+        self, request: apb.GetFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.DeleteFederationRelationshipResponse:
+        name = self._name(request.trust_domain)
+        await asyncio.to_thread(self._ds.delete_federation_relationship, name)
+        log.warning("federation relationship deleted; its bundle is no longer trusted", extra={"trust_domain": name})
+        return apb.DeleteFederationRelationshipResponse()
+
+    @handle_errors
+    async def RefreshFederatedBundle(
+        self, request: apb.GetFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.FederationRelationship:
+        stored = await asyncio.to_thread(self._ds.get_federation_relationship, self._name(request.trust_domain))
+        refreshed = await self._refresher.refresh_async(stored)
+        if refreshed.last_error:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE, f"refresh of {refreshed.trust_domain} failed: {refreshed.last_error}"
+            )
+        return await asyncio.to_thread(self._to_proto, refreshed)
+
+    # ------------------------------------------------------------------------------------- authorities
+
+    @staticmethod
+    def _kind(request: apb.AuthorityRequest) -> str:
+        kind = request.kind or "x509"
+        if kind not in ("x509", "jwt"):
+            raise invalid(f"kind: expected x509 or jwt, got {kind!r}")
+        if not request.key_id:
+            raise invalid("key_id is required (see `ca show`)")
+        return kind
+
+    @handle_errors
+    async def TaintAuthority(
+        self, request: apb.AuthorityRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.AuthorityResponse:
+        kind = self._kind(request)
+        try:
+            await asyncio.to_thread(self._ca.taint, kind, request.key_id)
+        except UnknownAuthorityError as exc:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        self._on_ca_change()
+        return apb.AuthorityResponse(slots=await asyncio.to_thread(_slots, self._ca))
+
+    @handle_errors
+    async def RevokeAuthority(
+        self, request: apb.AuthorityRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.AuthorityResponse:
+        kind = self._kind(request)
+        key_id = request.key_id.strip().lower()
+        now = int(self._clock())
+        pending = 0
+        try:
+            if kind == "x509":
+                waiting = await asyncio.to_thread(pending_reissue, self._ds, key_id, now)
+                pending = len(waiting)
+                if waiting and not request.force:
+                    sample = ", ".join(sorted({w.spiffe_id for w in waiting})[:3])
+                    raise ApiError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{pending} unexpired SVIDs signed by X.509 authority {key_id} have not been re-issued yet "
+                        f"(e.g. {sample}); wait for agents to sync after `ca taint`, or pass --force",
+                    )
+            else:
+                minted_until = self._ca.jwt_minted_until(request.key_id)
+                if minted_until is not None and minted_until.timestamp() > now:
+                    pending = 1
+                    if not request.force:
+                        raise ApiError(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"JWT-SVIDs minted with key {request.key_id} are valid until {minted_until.isoformat()}; "
+                            "wait until then or pass --force",
+                        )
+            await asyncio.to_thread(self._ca.revoke, kind, request.key_id)
+        except UnknownAuthorityError as exc:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        self._on_ca_change()
+        return apb.AuthorityResponse(slots=await asyncio.to_thread(_slots, self._ca), pending_svids=pending)
+
+    # ----------------------------------------------------------------------------------- X509-SVIDs
+
+    @handle_errors
+    async def RevokeX509SVIDs(
+        self, request: apb.RevokeX509SVIDsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.RevokeX509SVIDsResponse:
+        which = request.WhichOneof("target")
+        if which is None:
+            raise invalid("give one of serial, entry_id or agent_id")
+        if which == "serial":
+            try:
+                target = RevocationTarget(serial=serial_hex(parse_serial(request.serial)))
+            except ValueError as exc:
+                raise invalid(f"serial: {exc}") from None
+            if request.cut_off:
+                raise invalid("cut_off applies to entry_id or agent_id; to stop an entry, revoke by entry id")
+        elif which == "entry_id":
+            target = RevocationTarget(entry_id=request.entry_id)
+            await asyncio.to_thread(self._ds.get_entry, request.entry_id)  # NotFound for an unknown entry
+        else:
+            target = RevocationTarget(agent_id=request.agent_id)
+        now = int(self._clock())
+        try:
+            revoked = await asyncio.to_thread(revoke_x509_svids, self._ds, target, now)
+        except NotFound:
+            if not request.cut_off:
+                raise
+            revoked = []  # nothing live to revoke, but the operator still wants the entry / agent stopped
+        if request.cut_off and target.entry_id:
+            await asyncio.to_thread(self._ds.delete_entry, target.entry_id)
+            log.warning("entry deleted after revoking its SVIDs", extra={"entry_id": target.entry_id})
+        elif request.cut_off and target.agent_id:
+            await asyncio.to_thread(self._ds.ban_agent, target.agent_id)
+            log.warning("agent banned after revoking its SVIDs", extra={"agent_id": target.agent_id})
+        self._on_revocation()
+        return apb.RevokeX509SVIDsResponse(revoked=[_revoked_to_proto(r) for r in revoked])
+
+    @handle_errors
+    async def ListRevokedX509SVIDs(
+        self, request: apb.ListRevokedX509SVIDsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.ListRevokedX509SVIDsResponse:
+        revoked = await asyncio.to_thread(self._ds.list_revoked_certificates, unexpired_at=int(self._clock()))
+        return apb.ListRevokedX509SVIDsResponse(revoked=[_revoked_to_proto(r) for r in revoked])
+
+
+__all__ = ["TrustAdminServicer"]
