@@ -1,0 +1,129 @@
+"""Two tessera-server processes on one PostgreSQL database, one agent configured with both addresses.
+
+The agent attests through server A; entries created through either server reach it; then A is SIGKILLed
+mid-run and server B rotates its CA. All along, a workload holds a Workload API stream open and verifies
+every SVID it is handed against the bundle delivered with it: not one may fail, and SVIDs keep rotating
+(now signed by B) after A is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from ha_testlib import PY, TD, Daemon, Server, WorkloadWatcher, cleanup, short_dir, wait_for
+from pgcluster import PgCluster
+
+pytestmark = pytest.mark.slow
+
+SVID_TTL = "60s"  # the server's minimum X509-SVID TTL: the agent rotates at about half life (~30 s)
+
+
+def ca_ids(server: Server) -> dict[str, str]:
+    """X.509 authority key IDs of a server's CA -> their state (active / prepared / old)."""
+    slots = json.loads(server.admin_cmd("ca", "show", "--output", "json"))
+    items = slots["slots"] if isinstance(slots, dict) else slots
+    return {s["key_id"]: s["state"] for s in items if s.get("kind", "x509") == "x509"}
+
+
+def bundle_roots(server: Server) -> set[str]:
+    pem = server.admin_cmd("bundle", "show").encode()
+    return {
+        x509.SubjectKeyIdentifier.from_public_key(c.public_key()).digest.hex()
+        for c in x509.load_pem_x509_certificates(pem)
+    }
+
+
+@pytest.fixture
+def cluster(pg_cluster: PgCluster) -> Iterator[tuple[Path, str]]:
+    root = short_dir("tha-")
+    try:
+        yield root, pg_cluster.create_database("ha")
+    finally:
+        cleanup(root)
+
+
+def test_agent_fails_over_and_workloads_keep_verified_rotations(cluster: tuple[Path, str]) -> None:
+    root, url = cluster
+    a = Server("a", root, url)
+    b = Server("b", root, url)
+    agent: Daemon | None = None
+    watcher: WorkloadWatcher | None = None
+    try:
+        a.start()
+        b.start()
+        a.wait_healthy()
+        b.wait_healthy()
+        # Each server keeps its own CA; the one trust bundle holds both, whichever server is asked.
+        ca_a, ca_b = ca_ids(a), ca_ids(b)
+        assert ca_a and ca_b and not set(ca_a) & set(ca_b)
+        wait_for(lambda: set(ca_a) | set(ca_b) <= bundle_roots(a) and bundle_roots(a) == bundle_roots(b), 30,
+                 "both servers' CAs in the shared bundle")  # fmt: skip
+        (root / "bundle.pem").write_text(a.admin_cmd("bundle", "show") + "\n")
+
+        agent_id = f"spiffe://{TD}/host/ha"
+        token = a.admin_cmd("token", "generate", "--spiffe-id", agent_id).splitlines()[-1].strip()
+        a.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-a", "--parent-id", agent_id,
+                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        sock = str(root / "agent-pub" / "api.sock")
+        agent = Daemon(
+            "agent",
+            [
+                PY, "-m", "tessera.agent", "run", "--trust-domain", TD,
+                "--server-address", f"{a.address},{b.address}", "--trust-bundle", str(root / "bundle.pem"),
+                "--join-token", token, "--data-dir", str(root / "agent-data"), "--socket", sock,
+                "--sync-interval", "1s", "--sync-max-backoff", "2s",
+            ],
+            root / "agent.log",
+        )  # fmt: skip
+        agent.start()
+        watcher = WorkloadWatcher(sock)
+        watcher.start()
+        wait_for(lambda: {o.spiffe_id for o in watcher.observations} >= {f"spiffe://{TD}/wl-a"}, 60, "first SVID")
+
+        # An entry created through B (the agent talks to A) is served within a sync interval or two.
+        b.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-b", "--parent-id", agent_id,
+                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        wait_for(lambda: any(o.spiffe_id == f"spiffe://{TD}/wl-b" for o in watcher.observations), 30,
+                 "entry created through server B served")  # fmt: skip
+
+        # Server A dies without a word; the agent must carry on through B.
+        a.kill()
+        killed_at = time.time()
+        b.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-c", "--parent-id", agent_id,
+                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        wait_for(lambda: any(o.spiffe_id == f"spiffe://{TD}/wl-c" for o in watcher.observations), 40,
+                 "entry served after failover to B")  # fmt: skip
+
+        # B rotates its CA (prepare publishes the new CA first; activate a sync interval later).
+        b.admin_cmd("ca", "prepare")
+        time.sleep(3)  # let the agent sync the bundle with the prepared CA (the ordering under test)
+        b.admin_cmd("ca", "activate")
+        new_active = {k for k, state in ca_ids(b).items() if state == "active"}
+        assert new_active and not new_active & set(ca_b)
+
+        # Rotations keep coming after the kill: wl-a, signed by A before, is re-signed by B's new CA.
+        def rotated_by_b() -> bool:
+            return any(
+                o.at > killed_at and o.spiffe_id == f"spiffe://{TD}/wl-a" and o.issuer_ski in new_active
+                for o in watcher.observations
+            )
+
+        wait_for(rotated_by_b, 60, "wl-a rotated by B's new CA after A was killed")
+        assert agent.alive(), agent.output()
+        assert f"switched to server {b.address}" in agent.output()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        if agent is not None:
+            agent.stop()
+        a.kill()
+        b.stop()
+    assert watcher is not None
+    failures = watcher.failures()
+    assert not failures, f"SVIDs that failed verification against their bundle: {failures[:3]}"
+    assert len(watcher.serials()) >= 4  # wl-a, wl-b, wl-c and wl-a rotated
