@@ -127,6 +127,12 @@ def requests_adapter(
             pool_kwargs["assert_hostname"] = False
             super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
+        def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+            # Through an HTTPS-capable proxy, the tunnelled connection to the server uses the same context.
+            proxy_kwargs["ssl_context"] = ctx
+            proxy_kwargs["assert_hostname"] = False
+            return super().proxy_manager_for(proxy, **proxy_kwargs)
+
         def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
             # No CA files and no client certificate files: the context already carries both.
             conn.cert_reqs = "CERT_REQUIRED"

@@ -130,6 +130,8 @@ def test_client_refuses_unauthorized_server(ca: TestCA, server: tuple[StaticX509
     session.mount("https://", requests_adapter(client, authorize_id("spiffe://example.org/not-the-server")))
     with pytest.raises(requests.exceptions.SSLError, match="not the expected"):
         session.get(url, timeout=10)
+    with pytest.raises(requests.exceptions.SSLError, match="not the expected"):
+        session.get(url, timeout=10, verify=False)  # cannot switch SPIFFE verification off
     with httpx.Client(transport=httpx_transport(client, authorize_id("spiffe://example.org/nope"))) as hc, \
             pytest.raises(httpx.ConnectError):
         hc.get(url, timeout=10)
