@@ -50,7 +50,7 @@ def find_bin_dir() -> Path:
 class PgCluster:
     """One running cluster; ``create_database()`` hands out a fresh, empty database URL each call."""
 
-    def __init__(self, *, max_connections: int = 300) -> None:
+    def __init__(self, *, max_connections: int = 300, fsync: bool = False) -> None:
         self.bin_dir = find_bin_dir()
         self.base = Path(tempfile.mkdtemp(prefix="tpg", dir="/tmp"))  # short: the socket path is base/.s.PGSQL.5432
         self.data = self.base / "data"
@@ -60,6 +60,7 @@ class PgCluster:
         self._lock = threading.Lock()
         self._started = False
         self.max_connections = max_connections
+        self.fsync = fsync
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             self._run_as = (nobody.pw_uid, nobody.pw_gid)
@@ -92,33 +93,41 @@ class PgCluster:
         if init.returncode != 0:
             self.cleanup()
             raise PostgresUnavailable(f"initdb failed ({init.returncode}): {init.stderr.strip() or init.stdout}")
-        options = " ".join(
-            (
-                f"-k {self.base}",
-                "-c listen_addresses=''",
-                f"-c max_connections={self.max_connections}",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
-                "-c shared_buffers=64MB",
-                "-c dynamic_shared_memory_type=mmap",
-            )
-        )
+        try:
+            self.start_server()
+        except PostgresUnavailable:
+            self.cleanup()
+            raise
+        return self
+
+    def start_server(self) -> None:
+        """Starts (or restarts) the server on the existing data directory."""
+        settings = [
+            f"-k {self.base}",
+            "-c listen_addresses=''",
+            f"-c max_connections={self.max_connections}",
+            "-c shared_buffers=64MB",
+            "-c dynamic_shared_memory_type=mmap",
+        ]
+        if not self.fsync:  # commits still reach the OS before returning; only a machine crash could lose them
+            settings += ["-c fsync=off", "-c full_page_writes=off"]
         started = self._run(
-            "pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.log), "-o", options
+            "pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.log), "-o", " ".join(settings)
         )
         if started.returncode != 0:
             detail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            self.cleanup()
             raise PostgresUnavailable(f"pg_ctl start failed: {started.stderr.strip()}\n{detail}")
         self._started = True
-        return self
 
-    def stop(self) -> None:
-        """Stops at once (``-m immediate``: nothing here is worth a checkpoint) and removes the directory."""
+    def stop_server(self) -> None:
+        """Stops at once (``-m immediate``, like a crash: nothing here is worth a checkpoint)."""
         if self._started:
             self._started = False
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", timeout=60)
+
+    def stop(self) -> None:
+        """Stops the server and removes the directory."""
+        self.stop_server()
         self.cleanup()
 
     def cleanup(self) -> None:
