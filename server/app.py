@@ -25,7 +25,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from cryptography import x509
@@ -33,7 +32,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tessera.proto import admin_pb2, node_pb2
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
@@ -50,11 +48,16 @@ from tessera.server.api.tls_front import PeerRegistry, TlsFront, build_server_co
 from tessera.server.attestation.base import NodeAttestor
 from tessera.server.attestation.join_token import JoinTokenAttestor
 from tessera.server.attestation.x509pop import X509PopAttestor, load_ca_bundle
+from tessera.server.ca.crl import crls_to_pem
 from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.revocation import CrlPublisher
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
 from tessera.server.datastore import Datastore, open_datastore
 from tessera.server.errors import ServerError
+from tessera.server.federation.admin import TrustAdminServicer
+from tessera.server.federation.endpoint import BundleEndpoint, WebCertificateFiles, svid_context
+from tessera.server.federation.refresher import FederationRefresher
 
 log = logging.getLogger("tessera.server")
 
@@ -64,6 +67,7 @@ TOMBSTONE_RETENTION = 7 * 86400
 SHUTDOWN_GRACE = 5.0
 NODE_SERVICE = "tessera.node.v1.Node"
 ADMIN_SERVICE = "tessera.admin.v1.Admin"
+TRUST_ADMIN_SERVICE = "tessera.admin.v1.TrustAdmin"
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -142,7 +146,13 @@ class ServerApp:
         self._bundles_revision = -1
         self._bundle: SpiffeBundle | None = None
         self._publisher: BundlePublisher | None = None
+        self._crls: CrlPublisher | None = None
+        self._refresher: FederationRefresher | None = None
+        self._refresher_task: asyncio.Task[None] | None = None
+        self._endpoint: BundleEndpoint | None = None
+        self._web_files: WebCertificateFiles | None = None
         self._last_prune = 0.0
+        self._crls_pem = b""
         self._registry = PeerRegistry()
         self._front: TlsFront | None = None
         self._inner: grpc.aio.Server | None = None
@@ -190,6 +200,9 @@ class ServerApp:
         self._publisher = BundlePublisher(self._ds, cfg.trust_domain, cfg.data_dir / "published_authorities.json")
         self._authority = CaManagerAuthority(self._ca, bundle=lambda: self.bundle)
         self._publish_bundle()
+        self._crls = CrlPublisher(self._ca, self._ds)
+        self._crls.publish(force=True)
+        self._refresher = FederationRefresher(self._ds, cfg.trust_domain)
         self._svid = self._issue_server_svid()
 
     def _attestors(self) -> dict[str, NodeAttestor]:
@@ -279,10 +292,14 @@ class ServerApp:
             await self.stop()
             raise
         self._maintenance = asyncio.create_task(self._maintain(), name="tessera-server-maintenance")
+        assert self._refresher is not None
+        self._refresher_task = asyncio.create_task(self._refresher.run(self._stop), name="tessera-federation")
+        endpoint = f", bundle endpoint on {cfg.federation_host}:{self.endpoint_port}" if self._endpoint else ""
         log.info(
-            "tessera-server ready: node API on %s (TLS), admin API on %s, trust domain %s",
+            "tessera-server ready: node API on %s (TLS), admin API on %s%s, trust domain %s",
             f"{cfg.bind_host}:{self.node_port}",
             cfg.socket_path,
+            endpoint,
             cfg.trust_domain,
             extra={"node_port": self.node_port},
         )
@@ -309,20 +326,30 @@ class ServerApp:
             authority=self._authority,
             on_ca_change=self._after_ca_change,
         )
+        assert self._refresher is not None
+        trust_admin = TrustAdminServicer(
+            trust_domain=cfg.trust_domain,
+            datastore=self.datastore,
+            ca=self.ca,
+            refresher=self._refresher,
+            on_ca_change=self._after_ca_change,
+            on_revocation=self._after_revocation,
+        )
         # The node API's gRPC server listens only on a private socket; the TLS front relays to it.
         self._private_dir = Path(tempfile.mkdtemp(prefix="tessera-server-", dir="/tmp"))
         os.chmod(self._private_dir, 0o700)
         inner_socket = self._private_dir / "node.sock"
         self._inner = grpc.aio.server(options=GRPC_OPTIONS)
         ngrpc.add_NodeServicer_to_server(node, self._inner)  # type: ignore[no-untyped-call]
-        self._add_health_and_reflection(self._inner, [NODE_SERVICE, node_pb2.DESCRIPTOR.services_by_name["Node"]])
+        self._add_health_and_reflection(self._inner, [NODE_SERVICE])
         self._inner.add_insecure_port(f"unix:{inner_socket}")
         await self._inner.start()
 
         _prepare_socket(cfg.socket_path)
         self._admin = grpc.aio.server(options=GRPC_OPTIONS)
         agrpc.add_AdminServicer_to_server(admin, self._admin)  # type: ignore[no-untyped-call]
-        self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, admin_pb2.DESCRIPTOR.services_by_name["Admin"]])
+        agrpc.add_TrustAdminServicer_to_server(trust_admin, self._admin)  # type: ignore[no-untyped-call]
+        self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, TRUST_ADMIN_SERVICE])
         self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
         await self._admin.start()
         os.chmod(cfg.socket_path, 0o600)  # the socket file itself: owner only (the directory guards it too)
@@ -332,13 +359,44 @@ class ServerApp:
             self.node_port = await self._front.start(cfg.bind_host, cfg.bind_port, self._tls_context())
         except OSError as exc:
             raise StartupError(f"bind_address {cfg.bind_address}: cannot listen: {exc.strerror or exc}") from None
+        if cfg.federation_host is not None:
+            await self._start_bundle_endpoint()
 
-    def _add_health_and_reflection(self, server: grpc.aio.Server, services: list[Any]) -> None:
+    def _endpoint_context(self) -> ssl.SSLContext:
+        if self._web_files is not None:
+            return self._web_files.context
+        return svid_context(self.server_svid.chain, self.server_svid.key)
+
+    async def _start_bundle_endpoint(self) -> None:
+        cfg = self.config
+        assert cfg.federation_host is not None
+        if cfg.federation_profile == "https_web":
+            assert cfg.federation_cert is not None and cfg.federation_key is not None
+            try:
+                self._web_files = WebCertificateFiles(cfg.federation_cert, cfg.federation_key)
+            except (OSError, ValueError) as exc:
+                raise StartupError(str(exc)) from None
+        self._endpoint = BundleEndpoint(
+            cfg.federation_host,
+            cfg.federation_port,
+            self._endpoint_context(),
+            document=lambda: self.bundle.to_document(),
+            crls_pem=lambda: self._crls_pem,
+        )
+        try:
+            await self._endpoint.start()
+        except OSError as exc:
+            raise StartupError(f"federation_bind_address: cannot listen: {exc.strerror or exc}") from None
+
+    @property
+    def endpoint_port(self) -> int:
+        return self._endpoint.port if self._endpoint is not None else 0
+
+    def _add_health_and_reflection(self, server: grpc.aio.Server, services: list[str]) -> None:
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         self._health.append(health)
-        name = services[0]
-        names = (name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
 
     async def _set_health(self, serving: bool) -> None:
@@ -347,12 +405,20 @@ class ServerApp:
             await health.set("", status)
             await health.set(NODE_SERVICE, status)
             await health.set(ADMIN_SERVICE, status)
+            await health.set(TRUST_ADMIN_SERVICE, status)
 
     # ------------------------------------------------------------------------------------------- upkeep
 
     def _after_ca_change(self) -> None:
-        """After a forced prepare/activate: publish the bundle and refresh TLS at once, not at the next tick."""
+        """After a forced prepare/activate/taint/revoke: publish the bundle and CRLs and refresh TLS at once."""
         self._maintenance_step(force_svid=True)
+
+    def _after_revocation(self) -> None:
+        """After an SVID revocation: sign and publish the CRLs now (agents get them with their next sync)."""
+        with self._lock:
+            assert self._crls is not None
+            self._crls.publish(force=True)
+            self._crls_pem = crls_to_pem(c.crl for c in self.datastore.list_crls())
 
     def _maintenance_step(self, force_svid: bool = False) -> None:
         with self._lock:
@@ -375,6 +441,16 @@ class ServerApp:
                 log.info("server SVID renewed", extra={"expires_at": self._svid.leaf.not_valid_after_utc.isoformat()})
             if (bundle_changed or svid_changed) and self._front is not None:
                 self._front.set_context(self._tls_context())
+            assert self._crls is not None
+            if self._crls.publish(now) or bundle_changed or not self._crls_pem:
+                self._crls_pem = crls_to_pem(c.crl for c in self.datastore.list_crls())
+            if self._endpoint is not None:
+                if self._web_files is not None:
+                    reloaded = self._web_files.reload_if_changed()
+                    if reloaded is not None:
+                        self._endpoint.set_context(reloaded)
+                elif svid_changed:
+                    self._endpoint.set_context(self._endpoint_context())
             if time.time() - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = time.time()
                 self._prune(int(self._last_prune))
@@ -386,6 +462,7 @@ class ServerApp:
             log.info("pruned %d expired entries", len(expired))
         ds.prune_join_tokens(now)
         ds.prune_tombstones(now - TOMBSTONE_RETENTION)
+        ds.prune_issued_and_revoked(now)
 
     async def _maintain(self) -> None:
         while not self._stop.is_set():
@@ -411,9 +488,12 @@ class ServerApp:
         self._stop.set()
         with contextlib.suppress(Exception):
             await self._set_health(False)
-        if self._maintenance is not None:
-            with contextlib.suppress(Exception):
-                await self._maintenance
+        for task in (self._maintenance, self._refresher_task):
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await task
+        if self._endpoint is not None:
+            await self._endpoint.close()
         if self._front is not None:
             await self._front.close()
         for server in (self._inner, self._admin):

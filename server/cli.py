@@ -23,6 +23,7 @@ from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2 as npb
 from tessera.sdk.config import ConfigError, add_arguments, parse_duration
 from tessera.server.config import DEFAULT_SOCKET, SETTINGS
+from tessera.server.federation import cli as federation_cli
 
 RPC_TIMEOUT = 30.0
 
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", apb.GetCARequest()))
     _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", apb.PrepareCARequest()))
     _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", apb.ActivateCARequest()))
+    # federation ..., ca taint|revoke, x509 revoke|revoked (the TrustAdmin service)
+    federation_cli.register(commands, ca, _admin_parser, _emit, _channel, CliError, slot_to_dict, _slots_text)
 
     p = _admin_parser(commands, "healthcheck", "exit 0 when the server is healthy", cmd_healthcheck)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")

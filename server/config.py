@@ -39,6 +39,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_authority_key", "path", None, help="PEM private key of the upstream CA"),
     Setting("upstream_authority_bundle", "path", None, help="PEM roots of the upstream PKI (default: its cert)"),
     Setting("x509pop_ca_bundle", "list", [], help="PEM file(s) of CAs that issue x509pop host certificates"),
+    Setting("federation_bind_address", "str", None, help="HOST:PORT of the HTTPS bundle endpoint (off if unset)"),
+    Setting("federation_profile", "str", "https_spiffe", help="bundle endpoint TLS: https_spiffe or https_web"),
+    Setting("federation_cert", "path", None, help="https_web: PEM certificate chain of the bundle endpoint"),
+    Setting("federation_key", "path", None, help="https_web: PEM private key of the bundle endpoint"),
 )
 
 MIN_SVID_TTL = 60.0
@@ -66,6 +70,11 @@ class ServerConfig:
     upstream_authority_key: Path | None
     upstream_authority_bundle: Path | None
     x509pop_ca_bundle: tuple[Path, ...]
+    federation_host: str | None = None
+    federation_port: int = 0
+    federation_profile: str = "https_spiffe"
+    federation_cert: Path | None = None
+    federation_key: Path | None = None
 
     @property
     def bind_address(self) -> str:
@@ -163,6 +172,20 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
     if len(str(socket_path.absolute()).encode()) > 107:
         raise ConfigError(f"socket: path {socket_path} is longer than the 107 bytes a Unix socket allows")
     datastore = values["datastore"] or ""
+    fed_host: str | None = None
+    fed_port = 0
+    if values.get("federation_bind_address"):
+        fed_host, fed_port = parse_host_port(values["federation_bind_address"], "federation_bind_address")
+    profile = str(values.get("federation_profile") or "https_spiffe")
+    if profile not in ("https_spiffe", "https_web"):
+        raise ConfigError(f"federation_profile: expected https_spiffe or https_web, got {profile!r}")
+    fed_cert = _optional_path(values.get("federation_cert"))
+    fed_key = _optional_path(values.get("federation_key"))
+    if profile == "https_web" and fed_host is not None and (fed_cert is None or fed_key is None):
+        raise ConfigError("federation_profile https_web needs federation_cert and federation_key")
+    for name, path in (("federation_cert", fed_cert), ("federation_key", fed_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{name}: {path} is not a readable file")
     return ServerConfig(
         trust_domain=td,
         data_dir=data_dir,
@@ -183,6 +206,11 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
         upstream_authority_key=key_path,
         upstream_authority_bundle=bundle,
         x509pop_ca_bundle=pop_paths,
+        federation_host=fed_host,
+        federation_port=fed_port,
+        federation_profile=profile,
+        federation_cert=fed_cert,
+        federation_key=fed_key,
     )
 
 

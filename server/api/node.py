@@ -31,7 +31,8 @@ from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent
 from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found
 from tessera.server.attestation.base import AttestationError, NodeAttestor
 from tessera.server.ca.csr import csr_public_key
-from tessera.server.datastore.base import AttestedAgent, Datastore, RegistrationEntry
+from tessera.server.ca.revocation import authority_key_id, issued_svid
+from tessera.server.datastore.base import AttestedAgent, Datastore, IssuedSvid, RegistrationEntry
 from tessera.server.errors import AgentBannedError, BadCsrError, NotFound
 
 log = logging.getLogger("tessera.server.api.node")
@@ -129,6 +130,25 @@ class EntryCache:
         return found
 
 
+class RevokedSerials:
+    """Serials on the CRLs, re-read when the bundles revision moves (CRL writes bump it)."""
+
+    def __init__(self, datastore: Datastore, clock: Callable[[], float] = time.time) -> None:
+        self._ds = datastore
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._revision = -1
+        self._serials: frozenset[str] = frozenset()
+
+    def contains(self, serial: str, bundles_revision: int) -> bool:
+        with self._lock:
+            if bundles_revision != self._revision:
+                revoked = self._ds.list_revoked_certificates(unexpired_at=int(self._clock()))
+                self._serials = frozenset(r.serial for r in revoked)
+                self._revision = bundles_revision
+            return serial in self._serials
+
+
 class _StreamChannel:
     """Adapts the Attest stream to the attestors' ChallengeChannel."""
 
@@ -166,6 +186,7 @@ class NodeServicer(ngrpc.NodeServicer):
         self._peers = peers
         self._clock = clock
         self._entries = EntryCache(datastore)
+        self._revoked = RevokedSerials(datastore)
         self._signing = asyncio.Semaphore(MAX_CONCURRENT_SIGNING)
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -185,7 +206,11 @@ class NodeServicer(ngrpc.NodeServicer):
         return await asyncio.to_thread(self._parents_now, agent)
 
     def _sign_agent(self, key: PublicKey, agent_id: SpiffeId) -> list[x509.Certificate]:
-        return self._ca.sign_x509_svid(key, agent_id, self._settings.agent_ttl)
+        chain = self._ca.sign_x509_svid(key, agent_id, self._settings.agent_ttl)
+        # Remembered (as every SVID the server signs) so an operator can revoke it and a CA revocation can
+        # tell whether it is still in use.
+        self._ds.record_issued_svids([issued_svid(chain, "", str(agent_id))])
+        return chain
 
     def _agent_svid(self, agent_id: SpiffeId, chain: Sequence[x509.Certificate]) -> npb.AgentSvid:
         return npb.AgentSvid(
@@ -321,10 +346,13 @@ class NodeServicer(ngrpc.NodeServicer):
         if request.bundles_revision != revisions.bundles or request.bundles_revision == 0:
             for bundle in self._ds.list_bundles():
                 response.bundles["spiffe://" + bundle.trust_domain] = bundle.document
+            response.crls.extend(c.crl for c in self._ds.list_crls())
         response.bundles_revision = revisions.bundles
         tainted = self._ca.tainted_key_ids()
         response.tainted_authorities.extend(tainted)
-        response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted)
+        response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted) or self._revoked.contains(
+            caller.agent.serial, revisions.bundles
+        )
         return response
 
     # --------------------------------------------------------------------------------- BatchSignX509SVID
@@ -371,7 +399,7 @@ class NodeServicer(ngrpc.NodeServicer):
         if isinstance(checked, BaseException):
             raise checked
         async with self._signing:
-            results = await asyncio.to_thread(self._sign_batch, requests, checked, authorized)
+            results = await asyncio.to_thread(self._sign_batch, str(caller.spiffe_id), requests, checked, authorized)
         log.debug(
             "signed %d X509-SVIDs in %.1f ms",
             len(results),
@@ -382,11 +410,13 @@ class NodeServicer(ngrpc.NodeServicer):
 
     def _sign_batch(
         self,
+        agent_id: str,
         requests: Sequence[npb.X509SignRequest],
         keys: Sequence[PublicKey],
         entries: Mapping[str, RegistrationEntry],
     ) -> list[npb.X509SignResult]:
         results: list[npb.X509SignResult] = []
+        issued: list[IssuedSvid] = []
         ids: dict[str, SpiffeId] = {}
         for req, key in zip(requests, keys, strict=True):
             entry = entries[req.entry_id]
@@ -395,13 +425,26 @@ class NodeServicer(ngrpc.NodeServicer):
             if sid is None:
                 sid = ids[entry.id] = SpiffeId.parse(entry.spiffe_id)
             chain = self._ca.sign_x509_svid(key, sid, ttl, dns_names=entry.dns_names)
+            leaf = chain[0]
+            issued.append(
+                IssuedSvid(  # built from what is at hand: cheaper than re-reading the leaf's SAN
+                    serial=format(leaf.serial_number, "x"),
+                    issuer_key_id=authority_key_id(leaf),
+                    spiffe_id=entry.spiffe_id,
+                    entry_id=entry.id,
+                    agent_id=agent_id,
+                    issued_at=int(leaf.not_valid_before_utc.timestamp()),
+                    expires_at=int(leaf.not_valid_after_utc.timestamp()),
+                )
+            )
             results.append(
                 npb.X509SignResult(
                     entry_id=req.entry_id,
                     cert_chain=certificates_to_der(chain),
-                    expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+                    expires_at=issued[-1].expires_at,
                 )
             )
+        self._ds.record_issued_svids(issued)
         return results
 
     # --------------------------------------------------------------------------------------- MintJWTSVID
