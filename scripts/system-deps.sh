@@ -13,6 +13,7 @@ have curl || need+=(curl)
 have nginx || need+=(nginx-light)
 have apache2 || need+=(apache2)
 have_pg || need+=(postgresql)
+have softhsm2-util || need+=(softhsm2)  # the PKCS#11 key manager's tests run against SoftHSM2
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
