@@ -199,6 +199,10 @@ def test_entries_from_the_command_line(daemon: Daemon) -> None:
         ["bundle", "set", "--id", "spiffe://x.test", "--path", "/nonexistent/bundle.pem"],
         ["bundle", "delete", "--id", "spiffe://never-set.test"],
         ["ca", "activate"],
+        ["ca", "taint", "--id", "0123456789abcdef"],
+        ["ca", "revoke", "--id", "0123456789abcdef"],
+        ["x509", "revoke", "--serial", "zz-not-hex"],
+        ["federation", "show", "--trust-domain", "never.test"],
     ],
 )
 def test_errors_are_one_line_and_exit_1(daemon: Daemon, args: list[str]) -> None:
@@ -235,6 +239,8 @@ def test_tokens_agents_bundles_and_ca(daemon: Daemon, tmp_path: Path) -> None:
     activated = json.loads(daemon.admin("ca", "activate", "--output", "json").stdout)
     assert {s["state"] for s in activated} == {"active", "old"}
     assert "active" in daemon.admin("ca", "show").stdout
+    assert json.loads(daemon.admin("x509", "revoked", "--output", "json").stdout) == []
+    assert json.loads(daemon.admin("federation", "show", "--output", "json").stdout) == []
 
 
 @pytest.mark.parametrize(
