@@ -279,3 +279,26 @@ def test_rotation_under_traffic(ca: TestCA) -> None:
         client_src.close()
         server_agent.stop()
         client_agent.stop()
+
+
+def test_generated_stub_built_once_follows_rotation(ca: TestCA) -> None:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server_src = StaticX509Source(ca.issue_svid(SERVER_ID, dns_names=[DNS]), ca.x509_bundle())
+    client_src = StaticX509Source(ca.issue_svid(CLIENT_ID), ca.x509_bundle())
+    srv = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[SpiffeServerInterceptor(authorize_id(CLIENT_ID))])
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), srv)
+    port = srv.add_secure_port("127.0.0.1:0", server_credentials(server_src))
+    srv.start()
+    try:
+        with SpiffeChannel(f"127.0.0.1:{port}", client_src, server_name=DNS) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            first = channel.current()
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+            client_src.set(ca.issue_svid(CLIENT_ID))
+            server_src.set(ca.issue_svid(SERVER_ID, dns_names=[DNS]))
+            assert stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10).result().status == serving
+            assert channel.current() is not first
+    finally:
+        srv.stop(0)
