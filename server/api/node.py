@@ -28,12 +28,12 @@ from tessera.sdk.svid import certificates_to_der
 from tessera.server.api.authority import Authority
 from tessera.server.api.convert import entry_to_proto, selectors_to_proto
 from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent, serial_hex
-from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found
+from tessera.server.api.status import denied, handle_errors, invalid, not_found, status_for
 from tessera.server.attestation.base import AttestationError, NodeAttestor
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.revocation import authority_key_id, issued_svid
 from tessera.server.datastore.base import AttestedAgent, Datastore, IssuedSvid, RegistrationEntry
-from tessera.server.errors import AgentBannedError, BadCsrError, NotFound
+from tessera.server.errors import BadCsrError, NotFound
 
 log = logging.getLogger("tessera.server.api.node")
 
@@ -229,14 +229,13 @@ class NodeServicer(ngrpc.NodeServicer):
         except AttestationError as exc:
             log.info("attestation refused: %s", exc, extra={"peer": context.peer()})
             await context.abort(_REFUSAL_CODES[exc.kind], str(exc))
-        except ApiError as exc:
-            log.info("attestation refused: %s", exc.message, extra={"peer": context.peer()})
-            await context.abort(exc.code, exc.message)
-        except AgentBannedError as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent is banned: {exc}")
-        except Exception:
-            log.exception("attestation failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error during attestation (see the server log)")
+        except Exception as exc:  # ApiError, datastore and CA errors: the one mapping every RPC uses
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("attestation failed")
+            else:
+                log.info("attestation refused: %s", message, extra={"peer": context.peer()})
+            await context.abort(code, message)
 
     async def _attest(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
