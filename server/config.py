@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from tessera.sdk.config import ConfigError, Setting, load_settings, parse_durati
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.logs import LEVELS
 from tessera.sdk.spiffeid import TrustDomain
+from tessera.server.opsconfig import OPS_SETTINGS, OpsConfig, build_ops_config
 
 DEFAULT_SOCKET = "/tmp/tessera-server/private/api.sock"
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
@@ -43,6 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("federation_profile", "str", "https_spiffe", help="bundle endpoint TLS: https_spiffe or https_web"),
     Setting("federation_cert", "path", None, help="https_web: PEM certificate chain of the bundle endpoint"),
     Setting("federation_key", "path", None, help="https_web: PEM private key of the bundle endpoint"),
+    *OPS_SETTINGS,  # key manager (disk / pkcs11), metrics listener, rate limits: see tessera.server.opsconfig
 )
 
 MIN_SVID_TTL = 60.0
@@ -75,6 +77,7 @@ class ServerConfig:
     federation_profile: str = "https_spiffe"
     federation_cert: Path | None = None
     federation_key: Path | None = None
+    ops: OpsConfig = field(default_factory=OpsConfig)
 
     @property
     def bind_address(self) -> str:
@@ -211,6 +214,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
         federation_profile=profile,
         federation_cert=fed_cert,
         federation_key=fed_key,
+        ops=build_ops_config(values),
     )
 
 
