@@ -356,11 +356,17 @@ class NodeServicer(ngrpc.NodeServicer):
 
     # --------------------------------------------------------------------------------- BatchSignX509SVID
 
+    def _refuse_revoked(self, caller: AuthorizedAgent) -> None:
+        """A revoked agent SVID may still sync and renew itself, but signs nothing until it has."""
+        if self._revoked.contains(caller.agent.serial, self._ds.revisions().bundles):
+            raise denied(f"the SVID of agent {caller.spiffe_id} was revoked; renew it (RenewAgent) first")
+
     async def _authorized_entries(
         self, caller: AuthorizedAgent, entry_ids: Sequence[str]
     ) -> dict[str, RegistrationEntry]:
         if any(not entry_id for entry_id in entry_ids):
             raise invalid("entry_id is required in every request")
+        await asyncio.to_thread(self._refuse_revoked, caller)
         entries = await asyncio.to_thread(self._entries.get, list(dict.fromkeys(entry_ids)))
         parents = set(await self._parents(caller.agent))
         for entry_id in entry_ids:

@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from server_api_support import (
@@ -95,11 +96,18 @@ def test_a_revoked_agent_svid_asks_the_agent_to_renew(server: RunningServer) -> 
     with admin:  # type: ignore[attr-defined]
         trust.RevokeX509SVIDs(apb.RevokeX509SVIDsRequest(agent_id=agent.spiffe_id))
     assert agent.stub().Sync(npb.SyncRequest()).renew_agent_svid is True
+    with server.admin() as admin:
+        entry = admin.create_entry(f"spiffe://{TD}/after-revocation", agent.spiffe_id)
+    batch = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=entry.id, csr=csr_der(ec_key()))])
+    with pytest.raises(grpc.RpcError) as info:
+        agent.stub().BatchSignX509SVID(batch)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     key = ec_key()
     renewed = agent.stub().RenewAgent(npb.RenewAgentRequest(csr=csr_der(key)))
     agent.key, agent.chain = key, parse_der_certificates(renewed.svid.cert_chain)
     agent.reset_channel()
     assert agent.stub().Sync(npb.SyncRequest()).renew_agent_svid is False
+    assert len(agent.stub().BatchSignX509SVID(batch).results) == 1
 
 
 def test_taint_and_revoke_a_ca(server: RunningServer) -> None:
