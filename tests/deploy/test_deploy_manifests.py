@@ -75,8 +75,8 @@ def test_server_statefulset_keeps_state_on_a_volume() -> None:
 def test_ha_servers_share_a_postgresql_datastore() -> None:
     deployment = by_kind(documents("server-ha.yaml"), "Deployment")
     assert deployment["spec"]["replicas"] >= 2
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert "--datastore" in container["command"]
+    config = tomllib.loads(by_kind(documents("server-ha.yaml"), "ConfigMap")["data"]["server.toml"])["server"]
+    assert config["datastore"].startswith("postgresql://")
 
 
 @pytest.mark.parametrize("unit", sorted((DEPLOY / "systemd").glob("*.service")), ids=lambda p: p.name)
