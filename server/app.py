@@ -153,6 +153,7 @@ class ServerApp:
         self._web_files: WebCertificateFiles | None = None
         self._last_prune = 0.0
         self._crls_pem = b""
+        self._socket_bound = False
         self._registry = PeerRegistry()
         self._front: TlsFront | None = None
         self._inner: grpc.aio.Server | None = None
@@ -351,6 +352,7 @@ class ServerApp:
         agrpc.add_TrustAdminServicer_to_server(trust_admin, self._admin)  # type: ignore[no-untyped-call]
         self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, TRUST_ADMIN_SERVICE])
         self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
+        self._socket_bound = True
         await self._admin.start()
         os.chmod(cfg.socket_path, 0o600)  # the socket file itself: owner only (the directory guards it too)
 
@@ -500,9 +502,11 @@ class ServerApp:
             if server is not None:
                 await server.stop(SHUTDOWN_GRACE)
         self._inner = self._admin = None
-        with contextlib.suppress(OSError):
-            if self.config.socket_path.is_socket():
-                self.config.socket_path.unlink()
+        if self._socket_bound:  # never remove the socket of another server we refused to replace
+            with contextlib.suppress(OSError):
+                if self.config.socket_path.is_socket():
+                    self.config.socket_path.unlink()
+            self._socket_bound = False
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None

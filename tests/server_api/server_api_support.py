@@ -53,7 +53,13 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.app = ServerApp(config)
-        self._run(self._start())
+        try:
+            self._run(self._start())
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
+            raise
 
     async def _start(self) -> None:
         await self.app.start()

@@ -305,3 +305,13 @@ def test_reflection_lists_the_services(server: RunningServer) -> None:
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"tessera.admin.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def test_a_second_server_on_the_same_socket_is_refused(server: RunningServer, tmp_path: Path) -> None:
+    from tessera.server.app import StartupError
+
+    with pytest.raises(StartupError, match="in use"):
+        RunningServer(make_config(tmp_path / "second", server.config.socket_path))
+    with grpc.insecure_channel(f"unix:{server.config.socket_path}") as channel:  # the first one is unharmed
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
