@@ -1,7 +1,7 @@
 """Scale: entry creation, a 10,000-entry first sync, unchanged syncs and 1,000 syncing agents, on SQLite and
 PostgreSQL, through a real `tessera-server run` process.
 
-    .venv/bin/python bench/bench_scale.py [--entries 20000] [--agents 1000] [--window 15] [--backend both]
+    .venv/bin/python bench/bench_scale.py [--entries 20000] [--agents 1000] [--window 10] [--backend both]
     .venv/bin/python bench/bench_scale.py --entries 100000     # the full-size run (a few minutes)
 
 For each backend a server process runs on a fresh datastore (SQLite file with its default FULL sync;
@@ -402,7 +402,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=20_000, help="entries to create (100000 for the full run)")
     parser.add_argument("--agents", type=int, default=1000, help="simulated agents syncing every 5 s")
-    parser.add_argument("--window", type=float, default=15.0, help="seconds the agents are measured")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds the agents are measured")
     parser.add_argument("--unchanged-calls", type=int, default=500)
     parser.add_argument("--backend", choices=("both", "sqlite", "postgresql"), default="both")
     args = parser.parse_args()

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from ha_testlib import PY, TD, Daemon, Server, WorkloadWatcher, cleanup, short_dir, wait_for
-from pgcluster import PgCluster
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +38,10 @@ def bundle_roots(server: Server) -> set[str]:
 
 
 @pytest.fixture
-def cluster(pg_cluster: PgCluster) -> Iterator[tuple[Path, str]]:
+def cluster(pg_url: str) -> Iterator[tuple[Path, str]]:
     root = short_dir("tha-")
     try:
-        yield root, pg_cluster.create_database("ha")
+        yield root, pg_url
     finally:
         cleanup(root)
 
