@@ -376,6 +376,7 @@ class Demo:
         self.python = sys.executable
         self.server: Child | None = None
         self.agent: Child | None = None
+        self.plan_mode = ""
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -440,6 +441,7 @@ class Demo:
         out.say()
 
         plan = make_plan(args.mode, self.dir)
+        self.plan_mode = plan.mode
         scripts = self.dir / "bin"
         scripts.mkdir(mode=0o755)
         for name in ("backend.py", "frontend.py"):
@@ -566,7 +568,8 @@ class Demo:
         self.out.detail("[demo] a caller without a certificate tried HTTPS: the backend closed the connection")
 
     def say_identity(self, name: str, event: dict[str, Any]) -> None:
-        self.out.detail(f"[{name}] {event['text']} (uid {event['uid']}); certificate serial {short(event['serial'])}, "
+        who = f"uid {event['uid']}" + (f", gid {event['gid']}" if self.plan_mode == "gids" else "")
+        self.out.detail(f"[{name}] {event['text']} ({who}); certificate serial {short(event['serial'])}, "
                         f"valid until {clock(event['expires'])}")
 
     def drain(self, child: Child) -> None:
@@ -587,6 +590,12 @@ class Demo:
         stats = {"ok": 0, "failed": 0, "rotations": 0}
         rotated: dict[str, int] = {"backend": 0, "frontend": 0}
         expires = {"backend": ident_b["expires"], "frontend": ident_f["expires"]}
+        # The agent rotates at about half life (+-10 %): when to expect each rotation, for the progress line.
+        halfway = {
+            name: dt.datetime.fromisoformat(e["issued"]) + (
+                dt.datetime.fromisoformat(e["expires"]) - dt.datetime.fromisoformat(e["issued"])) / 2
+            for name, e in (("backend", ident_b), ("frontend", ident_f))
+        }
         show_next = {"gRPC", "HTTPS"}  # print the next call of these in full
         after_rotation: dict[str, int] = {"gRPC": 0, "HTTPS": 0}
         started = time.monotonic()
@@ -639,8 +648,11 @@ class Demo:
             if not got:
                 waiting = [n for n, count in rotated.items() if not count]
                 plural = "s" if len(waiting) > 1 else ""
-                what = (f"waiting for the {' and '.join(waiting)} certificate{plural} to rotate"
-                        if waiting else "a few more calls with the new certificates")
+                what = "a few more calls with the new certificates"
+                if waiting:
+                    due = (min(halfway[n] for n in waiting) - dt.datetime.now(dt.UTC)).total_seconds()
+                    eta = f"expected in about {due:.0f}s" if due >= 1 else "any moment now"
+                    what = f"waiting for the {' and '.join(waiting)} certificate{plural} to rotate ({eta})"
                 out.progress(f"{time.monotonic() - started:.0f}s: {stats['ok']} calls OK, {stats['failed']} failed; "
                              f"{what}")
 

@@ -41,7 +41,12 @@ def serial(svid: X509Svid) -> str:
 
 
 def describe(svid: X509Svid) -> dict[str, Any]:
-    return {"spiffe_id": str(svid.spiffe_id), "serial": serial(svid), "expires": svid.expires_at.isoformat()}
+    return {
+        "spiffe_id": str(svid.spiffe_id),
+        "serial": serial(svid),
+        "issued": svid.leaf.not_valid_before_utc.isoformat(),
+        "expires": svid.expires_at.isoformat(),
+    }
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     picker = pick_by_id(args.spiffe_id) if args.spiffe_id else None
     source = X509Source(address=args.socket, picker=picker, timeout=60)
     me = source.svid
-    emit("identity", f"the agent says I am {me.spiffe_id}", uid=os.getuid(), **describe(me))
+    emit("identity", f"the agent says I am {me.spiffe_id}", uid=os.getuid(), gid=os.getgid(), **describe(me))
     current = [me]
 
     def on_update(snapshot: X509Snapshot) -> None:
