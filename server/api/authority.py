@@ -49,6 +49,10 @@ class Authority(Protocol):
         """This trust domain's bundle: X.509 roots (own CAs or the upstream root) and JWT keys."""
         ...
 
+    def active_x509_key_id(self) -> str | None:
+        """Hex SKI of the X.509 CA signing right now (None when none is active)."""
+        ...
+
     def tainted_key_ids(self) -> list[str]:
         """Hex SKIs of X.509 authorities marked tainted (SVIDs they signed must be re-issued)."""
         ...
@@ -79,6 +83,10 @@ class CaManagerAuthority:
 
     def trust_bundle(self) -> SpiffeBundle:
         return self._bundle()
+
+    def active_x509_key_id(self) -> str | None:
+        active = self.manager.active_x509_authority
+        return active.key_id if active is not None else None
 
     def tainted_key_ids(self) -> list[str]:
         return [a.id for a in self.manager.authorities() if a.kind == "x509" and a.tainted]

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -423,6 +423,10 @@ class NodeServicer(ngrpc.NodeServicer):
         results: list[npb.X509SignResult] = []
         issued: list[IssuedSvid] = []
         ids: dict[str, SpiffeId] = {}
+        # Reading each new leaf's AKI back would parse all its extensions; the CA signing before and after the
+        # batch is the same object in all but a rotation mid-batch, which falls back to reading the leaves.
+        signer_before = self._ca.active_x509_key_id()
+        leaves: list[x509.Certificate] = []
         for req, key in zip(requests, keys, strict=True):
             entry = entries[req.entry_id]
             ttl = entry.x509_svid_ttl or self._settings.default_x509_svid_ttl
@@ -431,10 +435,11 @@ class NodeServicer(ngrpc.NodeServicer):
                 sid = ids[entry.id] = SpiffeId.parse(entry.spiffe_id)
             chain = self._ca.sign_x509_svid(key, sid, ttl, dns_names=entry.dns_names)
             leaf = chain[0]
+            leaves.append(leaf)
             issued.append(
                 IssuedSvid(  # built from what is at hand: cheaper than re-reading the leaf's SAN
                     serial=format(leaf.serial_number, "x"),
-                    issuer_key_id=authority_key_id(leaf),
+                    issuer_key_id=signer_before or "",
                     spiffe_id=entry.spiffe_id,
                     entry_id=entry.id,
                     agent_id=agent_id,
@@ -449,6 +454,8 @@ class NodeServicer(ngrpc.NodeServicer):
                     expires_at=issued[-1].expires_at,
                 )
             )
+        if self._ca.active_x509_key_id() != signer_before or not signer_before:
+            issued = [replace(i, issuer_key_id=authority_key_id(leaf)) for i, leaf in zip(issued, leaves, strict=True)]
         self._ds.record_issued_svids(issued)
         return results
 
