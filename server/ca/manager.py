@@ -499,6 +499,19 @@ class CaManager:
         """
         with self._lock:
             self._require_loaded()
+            item = self.check_revocable(kind, key_id)
+            if isinstance(item, X509Authority):
+                self._x509 = replace(self._x509, old=tuple(a for a in self._x509.old if a is not item))
+            else:
+                self._jwt = replace(self._jwt, old=tuple(k for k in self._jwt.old if k is not item))
+                self._jwt_minted_until.pop(item.kid, None)
+            self._commit(True, (item.slot_id,))
+            log.warning("%s authority %s revoked: removed from the bundle, key destroyed", kind, key_id)
+
+    def check_revocable(self, kind: str, key_id: str) -> X509Authority | JwtKey:
+        """The authority, if its own state allows revoking it (else AuthorityStateError / UnknownAuthorityError)."""
+        with self._lock:
+            self._require_loaded()
             item = self._find(kind, key_id)
             if item.status is not Status.OLD or not item.tainted:
                 raise AuthorityStateError(
@@ -506,18 +519,12 @@ class CaManager:
                     f"{'' if item.tainted else ' and not tainted'}; only a tainted old authority can be revoked "
                     "(activate a replacement, taint this one, wait for SVIDs to be re-issued, then revoke)"
                 )
-            if isinstance(item, X509Authority):
-                if self.upstream is not None:
-                    raise AuthorityStateError(
-                        f"X.509 CA {key_id} is signed by the upstream authority, whose root stays in the bundle; "
-                        "revoke it in the upstream PKI (its CRL) instead"
-                    )
-                self._x509 = replace(self._x509, old=tuple(a for a in self._x509.old if a is not item))
-            else:
-                self._jwt = replace(self._jwt, old=tuple(k for k in self._jwt.old if k is not item))
-                self._jwt_minted_until.pop(item.kid, None)
-            self._commit(True, (item.slot_id,))
-            log.warning("%s authority %s revoked: removed from the bundle, key destroyed", kind, key_id)
+            if isinstance(item, X509Authority) and self.upstream is not None:
+                raise AuthorityStateError(
+                    f"X.509 CA {key_id} is signed by the upstream authority, whose root stays in the bundle; "
+                    "revoke it in the upstream PKI (its CRL) instead"
+                )
+            return item
 
     def held_x509_authorities(self) -> tuple[X509Authority, ...]:
         """Every X.509 CA held (prepared, active, old), oldest first: each signs its own CRL."""

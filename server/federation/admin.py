@@ -248,6 +248,7 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
         now = int(self._clock())
         pending = 0
         try:
+            await asyncio.to_thread(self._ca.check_revocable, kind, request.key_id)
             if kind == "x509":
                 waiting = await asyncio.to_thread(pending_reissue, self._ds, key_id, now)
                 pending = len(waiting)
