@@ -38,7 +38,7 @@ from tessera.server.errors import BadCsrError, NotFound
 log = logging.getLogger("tessera.server.api.node")
 
 MAX_BATCH = 500
-SYNC_PAGE_SIZE = 5000
+SYNC_PAGE_SIZE = 10_000  # a 10,000-entry first sync is one response (~2 MB; limits are 64 MiB)
 MAX_INCREMENTAL_CHANGES = 5000
 ATTEST_STEP_TIMEOUT = 30.0
 MAX_AUDIENCES = 16

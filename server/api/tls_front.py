@@ -167,6 +167,10 @@ class TlsFront:
             await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.debug("node API connection ended: %s", exc)
+        except asyncio.CancelledError:
+            # close() cancels open connections at shutdown; ending quietly here keeps asyncio's stream
+            # callback (which reads the task's exception) from logging a spurious traceback.
+            pass
         finally:
             self._registry.remove(peer_key)
             for w in (inner_writer, writer):
