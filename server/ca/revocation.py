@@ -102,14 +102,25 @@ def revoke_x509_svids(ds: Datastore, target: RevocationTarget, now: int) -> list
 
 
 def pending_reissue(ds: Datastore, issuer_key_id: str, now: int) -> list[IssuedSvid]:
-    """Unexpired SVIDs signed by ``issuer_key_id`` that are still in use (see the module docstring)."""
-    signed = ds.list_issued_svids(issuer_key_id=issuer_key_id, unexpired_at=now)
+    """Unexpired SVIDs signed by ``issuer_key_id`` that are still in use (see the module docstring).
+
+    Reads the unexpired issued SVIDs once (an admin operation, not a hot path), so the cost is one scan however
+    many SVIDs the authority signed.
+    """
+    everything = ds.list_issued_svids(unexpired_at=now)
+    signed = [s for s in everything if s.issuer_key_id == issuer_key_id]
     if not signed:
         return []
+    # The latest SVID signed by another CA for each (entry, agent): what replaced the tainted one.
+    replaced: dict[tuple[str, str], int] = {}
+    for other in everything:
+        if other.issuer_key_id != issuer_key_id:
+            key = (other.entry_id, other.agent_id)
+            replaced[key] = max(replaced.get(key, other.issued_at), other.issued_at)
     revoked = {r.serial for r in ds.list_revoked_certificates(unexpired_at=now)}
     entries = ds.get_entries(sorted({s.entry_id for s in signed if s.entry_id}))
-    pending: list[IssuedSvid] = []
     agents: dict[str, bool] = {}
+    pending: list[IssuedSvid] = []
     for svid in signed:
         if svid.serial in revoked:
             continue
@@ -120,15 +131,14 @@ def pending_reissue(ds: Datastore, issuer_key_id: str, now: int) -> list[IssuedS
             alive = agents.get(svid.agent_id)
             if alive is None:
                 try:
-                    agent = ds.get_agent(svid.agent_id)
-                    alive = not agent.banned
+                    alive = not ds.get_agent(svid.agent_id).banned
                 except NotFound:
                     alive = False
                 agents[svid.agent_id] = alive
             if not alive:
                 continue
-        later = ds.list_issued_svids(entry_id=svid.entry_id, agent_id=svid.agent_id, unexpired_at=now)
-        if any(o.issuer_key_id != issuer_key_id and o.issued_at >= svid.issued_at for o in later):
+        newer = replaced.get((svid.entry_id, svid.agent_id))
+        if newer is not None and newer >= svid.issued_at:
             continue
         pending.append(svid)
     return pending
