@@ -678,7 +678,8 @@ class Demo:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Run a Tessera server, an agent and two workloads talking mutual TLS, through a rotation."
+        prog="scripts/demo.sh",
+        description="Run a Tessera server, an agent and two workloads talking mutual TLS, through a rotation.",
     )
     parser.add_argument("--mode", choices=("auto", "uids", "gids", "same-user"), default="auto",
                         help="how the agent tells the workloads apart: different users (root), different groups "

@@ -221,6 +221,8 @@ def start_helper(web_root: Path, env: TesseraEnv, site: Site, config: str) -> No
 
 @pytest.fixture(scope="module")
 def web() -> Iterator[Web]:
+    if os.getuid() != 0:
+        pytest.skip("needs root: the web servers' and the client's SVIDs go to two groups of root processes")
     bins = require_binaries("nginx", "apache2", "openssl", "curl")
     root = short_tempdir("tqw-")
     env = TesseraEnv(root, TD)
