@@ -63,11 +63,18 @@ def crls_to_pem(ders: Iterable[bytes]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in parse_crls(ders))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Crl:
     crl: x509.CertificateRevocationList
     issuer: bytes  # DER of the issuer name
     aki: bytes | None
+    _serials: frozenset[int] | None = None
+
+    def lists(self, serial: int) -> bool:
+        """Set lookup: cryptography's own lookup scans the whole list on every call."""
+        if self._serials is None:
+            self._serials = frozenset(r.serial_number for r in self.crl)
+        return serial in self._serials
 
 
 class RevocationChecker:
@@ -136,7 +143,7 @@ class RevocationChecker:
         for entry in entries:
             if leaf_aki is not None and entry.aki is not None and entry.aki != leaf_aki:
                 continue
-            if entry.crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is None:
+            if not entry.lists(leaf.serial_number):
                 continue
             if self._signature_ok(entry, issuer_cert):
                 return True
