@@ -45,6 +45,11 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the database when opening, and for a free pooled connection on each call."""
 
+RECONNECT_WINDOW = 5.0
+"""Seconds one reconnection attempt keeps retrying (with backoff) before giving up; the next call that needs a
+connection starts a fresh attempt at once. Short, so a database back after a long outage is used within
+seconds instead of after the driver's exponential backoff has grown to minutes."""
+
 MIGRATION_LOCK_KEY = 0x7E55E7A
 """The ``pg_advisory_lock`` key under which servers sharing the database run migrations one at a time."""
 
@@ -129,6 +134,7 @@ class PostgresDatastore(SqlDatastore):
         if not 1 <= size <= 1000 or not 0 < wait <= 3600:
             raise DatastoreError(f"datastore URL {self._url}: pool_size must be 1..1000 and pool_timeout 0..3600s")
         self._timeout = wait
+        self._conninfo = conninfo
         self._closed = False
         self._close_lock = threading.Lock()
         # Connect once directly: the pool retries silently in the background, whereas an operator starting a
@@ -145,6 +151,7 @@ class PostgresDatastore(SqlDatastore):
             kwargs={"autocommit": True},
             check=ConnectionPool.check_connection,
             timeout=wait,
+            reconnect_timeout=RECONNECT_WINDOW,
             open=False,
             name="tessera-datastore",
         )
@@ -171,17 +178,18 @@ class PostgresDatastore(SqlDatastore):
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:
-        # Session-level advisory lock on a connection of its own, held across the per-migration transactions.
-        with self._connection() as conn:
+        # Session-level advisory lock on a connection outside the pool (so even a pool of one can migrate), held
+        # across the per-migration transactions; closing the connection releases it whatever happens.
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=max(1, int(self._timeout)))
+        except psycopg.Error as exc:
+            raise self._map_error(exc) from None
+        with conn:
             try:
                 conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
             except psycopg.Error as exc:
                 raise self._map_error(exc) from None
-            try:
-                yield
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+            yield
 
     # ---- transactions -------------------------------------------------------------------------------------
 
