@@ -265,12 +265,25 @@ def cmd_entry_show(args: argparse.Namespace) -> None:
             if not response.next_page_token:
                 break
             request.page_token = response.next_page_token
-    text = "\n\n".join(_entry_text(e) for e in entries)
-    _emit(
-        args,
-        [entry_to_dict(e) for e in entries],
-        f"Found {len(entries)} entries\n" + text if entries else "Found 0 entries",
-    )
+    # Written entry by entry (same output as one json.dumps / one joined text): at 100,000 entries building the
+    # whole document first would triple the command's memory.
+    out = sys.stdout
+    if args.output == "json":
+        if not entries:
+            out.write("[]\n")
+            return
+        out.write("[\n")
+        for i, e in enumerate(entries):
+            item = json.dumps(entry_to_dict(e), indent=2, sort_keys=True).replace("\n", "\n  ")
+            out.write(("  " if i == 0 else ",\n  ") + item)
+        out.write("\n]\n")
+        return
+    out.write(f"Found {len(entries)} entries\n")
+    if not entries:
+        return
+    for i, e in enumerate(entries):
+        out.write(("" if i == 0 else "\n\n") + _entry_text(e))
+    out.write("\n")
 
 
 def cmd_token_generate(args: argparse.Namespace) -> None:
