@@ -180,3 +180,28 @@ def test_unchanged_sync_scans_no_entry_table(pg_url: str) -> None:
         assert store.entries_changed_since([agent], current - 1).revision == current
         _flush_stats(store)
         assert _entry_table_scans(pg_url) > before
+
+
+def test_missing_postgresql_binaries_fail_with_install_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgcluster
+
+    monkeypatch.setattr(pgcluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pgcluster.glob, "glob", lambda pattern: [])
+    with pytest.raises(pgcluster.PostgresUnavailable, match=r"system-deps\.sh"):
+        pgcluster.find_bin_dir()
+
+
+def test_binaries_are_found_under_usr_lib_postgresql_when_not_on_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pgcluster
+
+    versions = ("9.6", "16")  # numeric order, not string order: 16 is the newest
+    for version in versions:
+        (tmp_path / version / "bin").mkdir(parents=True)
+        for tool in ("initdb", "pg_ctl"):
+            (tmp_path / version / "bin" / tool).touch()
+    monkeypatch.setattr(pgcluster.shutil, "which", lambda name: None)
+    found = [str(tmp_path / v / "bin" / "initdb") for v in versions]
+    monkeypatch.setattr(pgcluster.glob, "glob", lambda pattern: found)
+    assert pgcluster.find_bin_dir() == tmp_path / "16" / "bin"
