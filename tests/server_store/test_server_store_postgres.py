@@ -3,6 +3,8 @@ restart. (The behavioural contract runs on PostgreSQL in test_server_store_datas
 
 from __future__ import annotations
 
+import glob
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -160,7 +162,8 @@ def _flush_stats(store: PostgresDatastore) -> None:
 def test_unchanged_sync_scans_no_entry_table(pg_url: str) -> None:
     agent = "spiffe://example.org/tessera/agent/a"
     alias_selectors = (Selector("x", "1"),)
-    with PostgresDatastore(pg_url, pool_size=1) as store:
+    store = PostgresDatastore(pg_url, pool_size=1)
+    try:
         for i in range(20):
             store.create_entry(entry(f"w{i}"))
         store.create_entry(
@@ -180,13 +183,15 @@ def test_unchanged_sync_scans_no_entry_table(pg_url: str) -> None:
         assert store.entries_changed_since([agent], current - 1).revision == current
         _flush_stats(store)
         assert _entry_table_scans(pg_url) > before
+    finally:
+        store.close()
 
 
 def test_missing_postgresql_binaries_fail_with_install_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     import pgcluster
 
-    monkeypatch.setattr(pgcluster.shutil, "which", lambda name: None)
-    monkeypatch.setattr(pgcluster.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
     with pytest.raises(pgcluster.PostgresUnavailable, match=r"system-deps\.sh"):
         pgcluster.find_bin_dir()
 
@@ -201,7 +206,7 @@ def test_binaries_are_found_under_usr_lib_postgresql_when_not_on_path(
         (tmp_path / version / "bin").mkdir(parents=True)
         for tool in ("initdb", "pg_ctl"):
             (tmp_path / version / "bin" / tool).touch()
-    monkeypatch.setattr(pgcluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     found = [str(tmp_path / v / "bin" / "initdb") for v in versions]
-    monkeypatch.setattr(pgcluster.glob, "glob", lambda pattern: found)
+    monkeypatch.setattr(glob, "glob", lambda pattern: found)
     assert pgcluster.find_bin_dir() == tmp_path / "16" / "bin"
