@@ -149,10 +149,17 @@ class FederationRefresher:
         async with lock:
             return await asyncio.to_thread(self.refresh, relationship)
 
+    async def _refresh_logged(self, relationship: FederationRelationship) -> None:
+        """The loop's refresh: a failure to record the outcome (datastore down) is logged, and retried next poll."""
+        try:
+            await self.refresh_async(relationship)
+        except Exception:
+            log.exception("refreshing the federated bundle of %s failed (will retry)", relationship.trust_domain)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Refreshes whatever is due, every second, until ``stop`` is set. Domains refresh concurrently, so a
         slow endpoint never delays the others."""
-        running: dict[str, asyncio.Task[FederationRelationship]] = {}
+        running: dict[str, asyncio.Task[None]] = {}
         try:
             while not stop.is_set():
                 try:
@@ -163,7 +170,7 @@ class FederationRefresher:
                 for relationship in due:
                     task = running.get(relationship.trust_domain)
                     if task is None or task.done():
-                        running[relationship.trust_domain] = asyncio.create_task(self.refresh_async(relationship))
+                        running[relationship.trust_domain] = asyncio.create_task(self._refresh_logged(relationship))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
         finally:
