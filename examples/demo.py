@@ -667,9 +667,11 @@ class Demo:
         self.out.detail(f"           client certificate {short(event['my_serial'])}, {backend} certificate "
                         f"{short(event['backend_serial'])}{seen}")
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, failed: bool) -> list[str]:
+        """Stops every process; removes the directory unless asked to keep it or the demo failed (its logs
+        are what tells why)."""
         left = self.procs.stop_all()
-        if self.args.keep or left:
+        if self.args.keep or failed or left:
             self.out.say(f"Kept {self.dir} (logs in {self.logs}).")
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -722,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         if demo is not None:
-            left = demo.cleanup()
+            left = demo.cleanup(failed=code == 1)
             if left:
                 out.say(f"Could not stop: {', '.join(left)}")
                 code = code or 1

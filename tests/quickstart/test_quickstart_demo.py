@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from quickstart_support import PY, ROOT, processes_mentioning, wait_for
@@ -83,6 +84,8 @@ def runs() -> Iterator[dict[str, Run]]:
         started["same-user"] = Run("demo --mode same-user", [*demo, "--mode", "same-user"])
         started["sigint"] = Run("demo (Ctrl-C)", demo)
         started["sigkill"] = Run("demo (killed)", demo)
+        # No rotation can happen within 3 s: the demo must fail, say why, and still stop everything.
+        started["failure"] = Run("demo (failing)", [*demo, "--timeout", "3"])
         yield started
     finally:
         for run in started.values():
@@ -153,6 +156,21 @@ def test_killed_demo_takes_its_processes_with_it(runs: dict[str, Run]) -> None:
     left = processes_mentioning(demo_dir)
     shutil.rmtree(demo_dir, ignore_errors=True)
     assert not left, left
+
+
+def test_failed_demo_says_why_stops_everything_and_keeps_its_logs(runs: dict[str, Run]) -> None:
+    run = runs["failure"]
+    code = run.finish(120)
+    assert code == 1, run.text
+    assert "The demo failed: no rotation of both certificates within 3s" in run.text, run.text
+    demo_dir = run.demo_dir()
+    try:
+        assert f"Kept {demo_dir} (logs in {demo_dir}/logs)." in run.text
+        assert run.text.rstrip().endswith("All processes stopped."), run.text
+        assert_nothing_left(demo_dir)
+        assert (Path(demo_dir) / "logs" / "agent.log").is_file()
+    finally:
+        shutil.rmtree(demo_dir, ignore_errors=True)
 
 
 def test_readme_demo_command_runs_the_whole_story_and_exits_0(runs: dict[str, Run]) -> None:
