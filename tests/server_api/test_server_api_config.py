@@ -1,0 +1,71 @@
+"""The server's settings: every cross-check build_config makes, without starting anything."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tessera.sdk.config import ConfigError, load_settings
+from tessera.server.config import SETTINGS, ServerConfig, build_config, parse_host_port
+
+
+def config(**values: Any) -> ServerConfig:
+    base: dict[str, Any] = {"trust_domain": "example.org", "socket": "/tmp/tessera-test/api.sock"}
+    base.update(values)
+    return build_config(load_settings("server", SETTINGS, None, base))
+
+
+def test_defaults_follow_cli_md() -> None:
+    c = config()
+    assert (c.bind_host, c.bind_port) == ("127.0.0.1", 8081)
+    assert c.data_dir == Path(".tessera/server")
+    assert c.ca_ttl == 86400 and c.default_x509_svid_ttl == 3600 and c.default_jwt_svid_ttl == 300
+    assert c.agent_ttl == 3600 and c.join_token_ttl == 600
+    assert c.dns_names == ("localhost",) and c.ca_key_type == "ec-p256"
+    assert c.bind_ip == ipaddress.ip_address("127.0.0.1")
+    assert c.federation_host is None and c.datastore == ""
+
+
+def test_durations_lists_and_addresses_are_parsed() -> None:
+    c = config(ca_ttl="2d", default_x509_svid_ttl="90m", dns_names="a.example, b.example", bind_address="[::1]:9000")
+    assert c.ca_ttl == 172800 and c.default_x509_svid_ttl == 5400
+    assert c.dns_names == ("a.example", "b.example")
+    assert (c.bind_host, c.bind_port, c.bind_address) == ("::1", 9000, "[::1]:9000")
+    assert config(bind_address="server.internal:8081").bind_ip is None
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"trust_domain": "spiffe://example.org/path"}, "trust_domain"),
+        ({"bind_address": "8081"}, "bind_address"),
+        ({"bind_address": "::1:8081"}, "bind_address"),
+        ({"bind_address": "host:99999"}, "bind_address"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"ca_key_type": "dsa"}, "ca_key_type"),
+        ({"ca_ttl": "5m"}, "ca_ttl"),
+        ({"default_x509_svid_ttl": "30s"}, "default_x509_svid_ttl"),
+        ({"agent_ttl": "48h"}, "agent_ttl"),
+        ({"dns_names": "bad name"}, "dns_names"),
+        ({"upstream_authority_cert": "/etc/hostname"}, "upstream_authority"),
+        ({"x509pop_ca_bundle": "/nonexistent.pem"}, "x509pop_ca_bundle"),
+        ({"socket": "/tmp/" + "x" * 120 + "/api.sock"}, "socket"),
+        ({"federation_bind_address": "nope"}, "federation_bind_address"),
+        ({"federation_profile": "ftp"}, "federation_profile"),
+        ({"federation_bind_address": "127.0.0.1:0", "federation_profile": "https_web"}, "federation_cert"),
+    ],
+)
+def test_bad_settings_name_the_key(values: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        config(**values)
+
+
+def test_parse_host_port() -> None:
+    assert parse_host_port("0.0.0.0:0") == ("0.0.0.0", 0)
+    assert parse_host_port("[fe80::1]:443") == ("fe80::1", 443)
+    with pytest.raises(ConfigError):
+        parse_host_port(":80")
