@@ -484,13 +484,18 @@ class Demo:
         # 3. agent
         out.step(3, self.STEPS, "Starting tessera-agent; it proves itself to the server with a one-time join token.")
         token = self.admin("token", "generate", "--spiffe-id", AGENT_ID).splitlines()[-1].strip()
+        # A secret belongs in a 0600 file, not on a command line every user can read with `ps`.
+        agent_config = self.dir / "agent.toml"
+        fd = os.open(agent_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f'[agent]\njoin_token = "{token}"\n')
         agent_argv = [
-            self.python, "-m", "tessera.agent", "run", "--trust-domain", TRUST_DOMAIN,
+            self.python, "-m", "tessera.agent", "run", "--config", str(agent_config), "--trust-domain", TRUST_DOMAIN,
             "--server-address", f"127.0.0.1:{self.port}", "--trust-bundle", str(self.dir / "bundle.pem"),
-            "--data-dir", str(self.dir / "agent"), "--socket", self.agent_socket,
-            "--sync-interval", "2s", f"--join-token={token}",
+            "--data-dir", str(self.dir / "agent"), "--socket", self.agent_socket, "--sync-interval", "2s",
         ]
-        out.detail("$ " + self.shown(["tessera-agent", *agent_argv[3:-1]]) + " --join-token <the token>")
+        out.detail("$ " + self.shown(["tessera-agent", *agent_argv[3:]]))
+        out.detail("  ($DEMO/agent.toml, mode 0600, holds the token: join_token = \"...\")")
         self.agent = self.procs.start("agent", agent_argv, cwd=str(self.dir))
         took = self.wait("waiting for the agent to attest and open the Workload API",
                          lambda: self.healthy("tessera.agent", self.agent_socket), self.agent, 60)
