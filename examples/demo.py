@@ -531,6 +531,8 @@ class Demo:
         )
         ident_f = self.next_event(frontend, "identity", 90, "waiting for the frontend's SVID")
         self.say_identity("frontend", ident_f)
+        out.detail(f"The frontend checks the backend too: over HTTPS by its SPIFFE ID, over gRPC by the DNS name "
+                   f"{BACKEND_DNS} (Python gRPC clients can only check a name; only the backend's SVID carries it).")
 
         self.refuse_stranger(int(ready["https_port"]))
 
