@@ -101,7 +101,9 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
         message.jwt_authorities = len(bundle.jwt_authorities)
         return message
 
-    def _check(self, request: apb.CreateFederationRelationshipRequest) -> tuple[FederationRelationship, bytes | None]:
+    def _check(
+        self, request: apb.CreateFederationRelationshipRequest, *, updating: bool = False
+    ) -> tuple[FederationRelationship, bytes | None]:
         r = request.relationship
         profile = r.profile or "https_web"
         try:
@@ -125,7 +127,7 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
             if not bundle.x509_authorities and not bundle.jwt_authorities:
                 raise invalid("bundle: it holds no authority")
             document = bundle.to_document()
-        elif profile == "https_spiffe":
+        elif profile == "https_spiffe" and not (updating and self._holds_bundle(endpoint.trust_domain.name)):
             raise invalid(
                 "bundle: the https_spiffe profile needs the foreign trust domain's bundle to authenticate its "
                 "endpoint (give --bundle-file)"
@@ -138,6 +140,13 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
             next_refresh=int(self._clock()),
         )
         return relationship, document
+
+    def _holds_bundle(self, trust_domain: str) -> bool:
+        try:
+            self._ds.get_bundle(trust_domain)
+        except NotFound:
+            return False
+        return True
 
     @handle_errors
     async def CreateFederationRelationship(
@@ -157,7 +166,7 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
     async def UpdateFederationRelationship(
         self, request: apb.CreateFederationRelationshipRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> apb.FederationRelationship:
-        relationship, document = self._check(request)
+        relationship, document = await asyncio.to_thread(self._check, request, updating=True)
         current = await asyncio.to_thread(self._ds.get_federation_relationship, relationship.trust_domain)
         updated = replace(
             current,
