@@ -14,6 +14,7 @@ have nginx || need+=(nginx-light)
 have apache2 || need+=(apache2)
 have_pg || need+=(postgresql)
 have softhsm2-util || need+=(softhsm2)  # the PKCS#11 key manager's tests run against SoftHSM2
+have faketime || need+=(faketime)  # clock-skew fault tests run the agent under libfaketime
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
