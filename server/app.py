@@ -62,6 +62,7 @@ from tessera.server.federation.refresher import FederationRefresher
 log = logging.getLogger("tessera.server")
 
 MAINTENANCE_INTERVAL = 1.0
+MAX_MAINTENANCE_FAILURES = 30
 PRUNE_INTERVAL = 60.0
 TOMBSTONE_RETENTION = 7 * 86400
 SHUTDOWN_GRACE = 5.0
@@ -466,12 +467,35 @@ class ServerApp:
         ds.prune_tombstones(now - TOMBSTONE_RETENTION)
         ds.prune_issued_and_revoked(now)
 
+    def _can_serve(self) -> bool:
+        """Whether agents can be served at all: an active CA that has not expired and a current server SVID."""
+        now = dt.datetime.now(dt.UTC)
+        active = self.ca.active_x509_authority
+        svid = self._svid
+        return (
+            active is not None
+            and active.certificate.not_valid_after_utc > now
+            and svid is not None
+            and svid.leaf.not_valid_after_utc > now
+        )
+
     async def _maintain(self) -> None:
+        failures = 0
+        serving = True
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self._maintenance_step)
+                failures = 0
             except Exception:
+                failures += 1
                 log.exception("maintenance step failed (will retry)")
+            # Health follows what agents would meet: NOT_SERVING while nothing can be signed, or while the
+            # upkeep keeps failing (rotation, bundle publishing), so orchestrators and load balancers notice.
+            healthy = failures < MAX_MAINTENANCE_FAILURES and self._can_serve()
+            if healthy != serving and not self._stop.is_set():
+                serving = healthy
+                (log.info if healthy else log.error)("health: %s", "SERVING" if healthy else "NOT_SERVING")
+                await self._set_health(healthy)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), MAINTENANCE_INTERVAL)
 

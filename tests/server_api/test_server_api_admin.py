@@ -315,3 +315,38 @@ def test_a_second_server_on_the_same_socket_is_refused(server: RunningServer, tm
     with grpc.insecure_channel(f"unix:{server.config.socket_path}") as channel:  # the first one is unharmed
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_follows_the_upkeep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from tessera.server import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_MAINTENANCE_FAILURES", 2)
+    sock = free_socket_dir()
+    srv = RunningServer(make_config(tmp_path / "server", sock / "api.sock"))
+
+    def status() -> int:
+        with grpc.insecure_channel(f"unix:{srv.config.socket_path}") as channel:
+            return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+
+    def wait_for(expected: int) -> None:
+        deadline = time.monotonic() + 30
+        while status() != expected:
+            assert time.monotonic() < deadline, f"health never became {expected}"
+            time.sleep(0.1)
+
+    try:
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
+        real = srv.app._maintenance_step
+
+        def failing(force_svid: bool = False) -> None:
+            raise RuntimeError("datastore on fire")
+
+        srv.app._maintenance_step = failing  # type: ignore[method-assign]
+        wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        srv.app._maintenance_step = real  # type: ignore[method-assign]
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        srv.stop()
+        cleanup(sock)
