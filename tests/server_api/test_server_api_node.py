@@ -91,6 +91,10 @@ def test_join_token_attestation_issues_an_agent_svid_with_the_token_id(server: R
     assert result.reattestable is False
     sid, _ = verify_x509_svid(agent.chain, trust_bundle(result).x509_bundle())
     assert str(sid) == result.svid.spiffe_id
+    # The agent SVID passes the same checks as workload SVIDs.
+    roots = list(trust_bundle(result).x509_authorities)
+    PolicyBuilder().store(Store(roots)).build_client_verifier().verify(agent.chain[0], agent.chain[1:])
+    assert _tls13_handshake(agent.chain, agent.key, pem_certs(roots)) == "TLSv1.3"
     assert result.svid.expires_at == int(agent.chain[0].not_valid_after_utc.timestamp())
     with server.admin() as admin:
         shown = admin.stub.GetAgent(apb.GetAgentRequest(spiffe_id=result.svid.spiffe_id)).agent
