@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -73,12 +74,23 @@ class Run:
         return match.group(1)
 
 
+def readme_command() -> str:
+    """The one command in the README's Quick start section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.+?)```", section, re.S)
+    assert block, "the Quick start section must open with a sh code block"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def runs() -> Iterator[dict[str, Run]]:
     started: dict[str, Run] = {}
     try:
         # The command exactly as the README gives it (it also bootstraps .venv, so it goes first and alone).
-        started["readme"] = Run("scripts/demo.sh", [str(ROOT / "scripts" / "demo.sh")])
+        started["readme"] = Run(f"README command {readme_command()!r}", shlex.split(readme_command()))
         started["readme"].wait_line(r"^Tessera quick start", timeout=600)
         demo = [PY, str(ROOT / "examples" / "demo.py")]
         started["same-user"] = Run("demo --mode same-user", [*demo, "--mode", "same-user"])
