@@ -700,7 +700,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=150.0, help="give up when no rotation happened by then")
     parser.add_argument("--tmpdir", default="/tmp", help="where the demo directory is made (keep it short: sockets)")
     parser.add_argument("--keep", action="store_true", help="keep the demo directory (logs, database) at the end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ttl < 60:
+        parser.error(f"--ttl: the server issues X509-SVIDs for at least 60 seconds, got {args.ttl}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
