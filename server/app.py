@@ -49,6 +49,7 @@ from tessera.server.attestation.base import NodeAttestor
 from tessera.server.attestation.join_token import JoinTokenAttestor
 from tessera.server.attestation.x509pop import X509PopAttestor, load_ca_bundle
 from tessera.server.ca.crl import crls_to_pem
+from tessera.server.ca.journal import FileJournalStore
 from tessera.server.ca.manager import CaConfig, CaManager
 from tessera.server.ca.revocation import CrlPublisher
 from tessera.server.ca.upstream import UpstreamAuthority
@@ -58,6 +59,15 @@ from tessera.server.errors import ServerError
 from tessera.server.federation.admin import TrustAdminServicer
 from tessera.server.federation.endpoint import BundleEndpoint, WebCertificateFiles, svid_context
 from tessera.server.federation.refresher import FederationRefresher
+from tessera.server.limits import KeyedRateLimiter
+from tessera.server.metrics import (
+    InstrumentedAuthority,
+    MetricsListener,
+    NodeApiInterceptor,
+    ServerMetrics,
+    ServerStateCollector,
+)
+from tessera.server.opsconfig import make_key_manager
 
 log = logging.getLogger("tessera.server")
 
@@ -155,6 +165,11 @@ class ServerApp:
         self._last_prune = 0.0
         self._crls_pem = b""
         self._socket_bound = False
+        # Prometheus metrics only when a listener is configured (metrics_bind_address).
+        self._metrics: ServerMetrics | None = ServerMetrics() if config.ops.metrics_host is not None else None
+        self._metrics_listener: MetricsListener | None = None
+        self.metrics_port = 0
+        self._last_maintenance_ok = 0.0
         self._registry = PeerRegistry()
         self._front: TlsFront | None = None
         self._inner: grpc.aio.Server | None = None
@@ -198,9 +213,32 @@ class ServerApp:
             jwt_svid_ttl=dt.timedelta(seconds=cfg.default_jwt_svid_ttl),
             max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
         )
-        self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
+        key_manager = make_key_manager(cfg.ops)  # None: keys on disk in the data dir (0600)
+        if key_manager is None:
+            self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
+        else:  # keys on a PKCS#11 token; the journal (no secrets) stays in the data dir
+            self._ca = CaManager(
+                cfg.trust_domain,
+                key_manager,
+                FileJournalStore(cfg.data_dir / "ca" / "ca_journal.json"),
+                ca_config,
+                upstream,
+            )
+            self._ca.load()
+            self._ca.tick()
+        if self._metrics is not None:
+            self._metrics.register(
+                ServerStateCollector(
+                    ca=lambda: self._ca,
+                    connections=lambda: len(self._registry),
+                    last_maintenance=lambda: self._last_maintenance_ok,
+                )
+            )
         self._publisher = BundlePublisher(self._ds, cfg.trust_domain, cfg.data_dir / "published_authorities.json")
-        self._authority = CaManagerAuthority(self._ca, bundle=lambda: self.bundle)
+        authority = CaManagerAuthority(self._ca, bundle=lambda: self.bundle)
+        self._authority = (
+            InstrumentedAuthority(authority, self._metrics) if self._metrics is not None else authority  # type: ignore[assignment]
+        )
         self._publish_bundle()
         self._crls = CrlPublisher(self._ca, self._ds)
         self._crls.publish(force=True)
@@ -341,7 +379,14 @@ class ServerApp:
         self._private_dir = Path(tempfile.mkdtemp(prefix="tessera-server-", dir="/tmp"))
         os.chmod(self._private_dir, 0o700)
         inner_socket = self._private_dir / "node.sock"
-        self._inner = grpc.aio.server(options=GRPC_OPTIONS)
+        ops = cfg.ops
+        interceptor = NodeApiInterceptor(
+            self._metrics,
+            self._registry,
+            attestation_limiter=KeyedRateLimiter(ops.attestation_rate_limit),
+            signing_limiter=KeyedRateLimiter(ops.signing_rate_limit),
+        )
+        self._inner = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[interceptor])
         ngrpc.add_NodeServicer_to_server(node, self._inner)  # type: ignore[no-untyped-call]
         self._add_health_and_reflection(self._inner, [NODE_SERVICE])
         self._inner.add_insecure_port(f"unix:{inner_socket}")
@@ -364,6 +409,12 @@ class ServerApp:
             raise StartupError(f"bind_address {cfg.bind_address}: cannot listen: {exc.strerror or exc}") from None
         if cfg.federation_host is not None:
             await self._start_bundle_endpoint()
+        if self._metrics is not None and cfg.ops.metrics_host is not None:
+            self._metrics_listener = MetricsListener(self._metrics.registry)
+            try:
+                self.metrics_port = self._metrics_listener.start(cfg.ops.metrics_host, cfg.ops.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"metrics_bind_address: cannot listen: {exc.strerror or exc}") from None
 
     def _endpoint_context(self) -> ssl.SSLContext:
         if self._web_files is not None:
@@ -486,6 +537,7 @@ class ServerApp:
             try:
                 await asyncio.to_thread(self._maintenance_step)
                 failures = 0
+                self._last_maintenance_ok = time.time()
             except Exception:
                 failures += 1
                 log.exception("maintenance step failed (will retry)")
@@ -520,6 +572,9 @@ class ServerApp:
                     await task
         if self._endpoint is not None:
             await self._endpoint.close()
+        if self._metrics_listener is not None:
+            await asyncio.to_thread(self._metrics_listener.stop)
+            self._metrics_listener = None
         if self._front is not None:
             await self._front.close()
         for server in (self._inner, self._admin):

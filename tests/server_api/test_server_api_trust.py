@@ -192,3 +192,26 @@ def test_two_trust_domains_federate(tmp_path: Path, server: RunningServer) -> No
     finally:
         other.stop()
         cleanup(sock)
+
+
+def test_metrics_and_rate_limits_are_wired(tmp_path: Path) -> None:
+    sock = free_socket_dir()
+    srv = RunningServer(
+        make_config(tmp_path / "m", sock / "api.sock", metrics_bind_address="127.0.0.1:0", attestation_rate_limit=3)
+    )
+    try:
+        with srv.admin() as admin:
+            tokens = [admin.token().token for _ in range(4)]
+        for token in tokens[:3]:
+            Agent(srv).attest_join_token(token)
+        with pytest.raises(grpc.RpcError) as info:
+            Agent(srv).attest_join_token(tokens[3])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.app.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert 'tessera_server_rate_limited_total{limit="attestation"} 1.0' in text
+        assert 'tessera_server_svids_issued_total{kind="x509"} 3.0' in text
+        assert "tessera_server_ca_expiry_seconds" in text and "tessera_server_node_rpcs_total" in text
+    finally:
+        srv.stop()
+        cleanup(sock)
