@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,13 @@ class Daemon:
         return cli(*args, "--socket", self.socket, check=check)
 
 
-def start_daemon(config: Path, *extra: str) -> Daemon:
+def start_daemon(config: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
     process = subprocess.Popen(
-        [str(BIN), "run", "--config", str(config), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [str(BIN), "run", "--config", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     socket_path = re.search(r'socket = "([^"]+)"', config.read_text())
     assert socket_path
@@ -292,3 +297,38 @@ def test_the_example_deployment_config_is_accepted() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "server.toml"
     config = build_config(load_settings("server", SETTINGS, example, {}))
     assert config.bind_port == 8081 and config.dns_names[0] == "tessera-server.example.org"
+
+
+SOFTHSM = next((p for p in ("/usr/lib/softhsm/libsofthsm2.so",) if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(SOFTHSM is None or shutil.which("softhsm2-util") is None, reason="SoftHSM2 is not installed")
+def test_ca_keys_on_a_pkcs11_token(tmp_path: Path) -> None:
+    """key_manager = pkcs11: the daemon signs with keys that live on the token; none lands in the data dir."""
+    conf = tmp_path / "softhsm2.conf"
+    (tmp_path / "tokens").mkdir()
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "TESSERA_TEST_PIN": "2468-pin"}
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "srv", "--pin", "2468-pin", "--so-pin", "1357-so"],
+        check=True, capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    sock_dir = free_socket_dir()
+    config = tmp_path / "hsm.toml"
+    config.write_text(
+        f'[server]\ntrust_domain = "{TD}"\ndata_dir = "{tmp_path / "data"}"\nbind_address = "127.0.0.1:0"\n'
+        f'socket = "{sock_dir}/a.sock"\nkey_manager = "pkcs11"\npkcs11_module = "{SOFTHSM}"\n'
+        f'pkcs11_token_label = "srv"\npkcs11_pin = "env:TESSERA_TEST_PIN"\n'
+    )
+    d = start_daemon(config, env=env)
+    try:
+        slots = json.loads(d.admin("ca", "show", "--output", "json").stdout)
+        assert {(s["kind"], s["state"]) for s in slots} == {("x509", "active"), ("jwt", "active")}
+        assert X509Bundle.parse_pem(TD, d.admin("bundle", "show").stdout.encode())
+        data_files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+        assert not [p for p in data_files if b"PRIVATE KEY" in p.read_bytes()]
+        assert "2468-pin" not in "".join(d.lines)
+    finally:
+        d.process.send_signal(signal.SIGTERM)
+        d.process.wait(30)
+        cleanup(sock_dir)
