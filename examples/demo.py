@@ -63,7 +63,6 @@ class Narrator:
         self.tty = stream.isatty()
         self._progress_shown = False
         self._last_progress = 0.0
-        self.started = time.monotonic()
 
     def _clear(self) -> None:
         if self._progress_shown:
@@ -137,6 +136,8 @@ class Child:
     log: Path
     events: queue.Queue[dict[str, Any]] | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    stopped: bool = False
+    left_behind: bool = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -197,7 +198,10 @@ class Processes:
         child.events.put({"event": "exit"})
 
     def stop(self, child: Child, grace: float = 10.0) -> None:
-        """SIGTERM to the child's whole process group, then SIGKILL after ``grace`` seconds."""
+        """SIGTERM to the child's whole process group, then SIGKILL after ``grace`` seconds. Once only: after
+        the group is gone its number may be reused by an unrelated process."""
+        if child.stopped:
+            return
         pgid = child.proc.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
@@ -206,7 +210,8 @@ class Processes:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-            child.proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(5)
         # Anything the child itself started in its group goes too.
         deadline = time.monotonic() + grace
         while group_alive(pgid) and time.monotonic() < deadline:
@@ -214,6 +219,11 @@ class Processes:
         if group_alive(pgid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        child.left_behind = child.alive() or group_alive(pgid)
+        child.stopped = True
         for thread in child.threads:
             thread.join(5)
 
@@ -221,8 +231,7 @@ class Processes:
         """Stops every child, last started first; returns the names of any that could not be stopped."""
         for child in reversed(self.children):
             self.stop(child)
-        left = [c.name for c in self.children if c.alive() or group_alive(c.proc.pid)]
-        return left
+        return [c.name for c in self.children if c.left_behind]
 
 
 def group_alive(pgid: int) -> bool:
@@ -311,7 +320,10 @@ def user_identity(name: str, fallback_uid: int) -> Identity:
 
 def make_plan(requested: str, workdir: Path) -> Plan:
     uid, gid = os.getuid(), os.getgid()
-    me = pwd.getpwuid(uid).pw_name if uid != 0 else "root"
+    try:
+        me = pwd.getpwuid(uid).pw_name
+    except KeyError:  # containers often run under a uid with no passwd entry
+        me = f"uid {uid}"
     same_python = [sys.executable]
     if uid == 0 and requested in ("auto", "uids"):
         backend, frontend = user_identity("nobody", 65534), user_identity("daemon", 1)
