@@ -39,7 +39,15 @@ def free_socket_dir() -> Path:
 
 
 def make_config(data_dir: Path, socket_path: Path, **overrides: Any) -> ServerConfig:
-    values = {"trust_domain": TD, "data_dir": str(data_dir), "bind_address": "127.0.0.1:0", "socket": str(socket_path)}
+    values: dict[str, Any] = {
+        "trust_domain": TD,
+        "data_dir": str(data_dir),
+        "bind_address": "127.0.0.1:0",
+        "socket": str(socket_path),
+        # Every test agent attests from 127.0.0.1: the per-address limit is for real fleets (tests that check
+        # it pass a value).
+        "attestation_rate_limit": 0,
+    }
     values.update({k: v for k, v in overrides.items()})
     return build_config(load_settings("server", SETTINGS, None, values))
 
