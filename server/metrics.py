@@ -78,6 +78,7 @@ class ServerMetrics:
         for kind in ("x509", "jwt"):  # export zeros from the start so rate() and alerts see the series
             self.svids_issued.labels(kind)
             self.signing_seconds.labels(kind)
+            self.signing_errors.labels(kind, "none")
         for limit in ("attestation", "signing"):
             self.rate_limited.labels(limit)
 
