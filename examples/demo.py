@@ -379,7 +379,7 @@ class Demo:
         os.chmod(self.dir, 0o755)  # noqa: S103
         self.logs = self.dir / "logs"
         self.logs.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("SPIFFE_ENDPOINT_SOCKET", "PYTHONPATH")}
+        env = {k: v for k, v in os.environ.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
         env["PYTHONUNBUFFERED"] = "1"
         self.procs = Processes(self.logs, env)
         self.port = free_port()

@@ -12,11 +12,14 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from quickstart_support import PY, ROOT, processes_mentioning, wait_for
@@ -30,10 +33,11 @@ RUN_LIMIT = 240.0
 class Run:
     """One demo process with its output collected line by line as it comes."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], **popen: Any) -> None:
         self.name = name
+        popen.setdefault("cwd", ROOT)
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, **popen,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -85,6 +89,29 @@ def readme_command() -> str:
     return lines[0]
 
 
+NOBODY = 65534
+
+
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def ordinary_user_python() -> tuple[list[str], dict[str, str]] | None:
+    """The system interpreter of this version, run as nobody, importing Tessera from this checkout and its
+    dependencies from the virtualenv (whose own python may live where nobody cannot enter), or None."""
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if os.getuid() != 0 or not os.access(python, os.X_OK):
+        return None
+    env = {**os.environ, "HOME": "/tmp", "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
+    probe = subprocess.run(
+        [python, "-c", "import tessera.sdk.grpc, tessera.server.cli, tessera.agent.cli"],
+        preexec_fn=as_nobody, env=env, cwd="/tmp", capture_output=True, timeout=60, check=False,
+    )
+    return ([python], env) if probe.returncode == 0 else None
+
+
 @pytest.fixture(scope="module")
 def runs() -> Iterator[dict[str, Run]]:
     started: dict[str, Run] = {}
@@ -98,6 +125,11 @@ def runs() -> Iterator[dict[str, Run]]:
         started["sigkill"] = Run("demo (killed)", demo)
         # No rotation can happen within 3 s: the demo must fail, say why, and still stop everything.
         started["failure"] = Run("demo (failing)", [*demo, "--timeout", "3"])
+        ordinary = ordinary_user_python()
+        if ordinary is not None:
+            python, env = ordinary
+            started["nobody"] = Run("demo as nobody", [*python, str(ROOT / "examples" / "demo.py")],
+                                    preexec_fn=as_nobody, env=env, cwd="/tmp")
         yield started
     finally:
         for run in started.values():
@@ -208,3 +240,17 @@ def test_one_user_fallback_also_works(runs: dict[str, Run]) -> None:
     assert "both workloads run as" in run.text and "each picks its own by SPIFFE ID" in run.text
     assert_a_full_story(run)
     assert_nothing_left(run.demo_dir())
+
+
+def test_an_ordinary_user_gets_the_one_user_demo(runs: dict[str, Run]) -> None:
+    """Not root: no way to run processes as other users, so both workloads run as this user."""
+    if "nobody" not in runs:
+        pytest.skip("needs root and a system python of this version that user nobody can run with this checkout")
+    run = runs["nobody"]
+    code = run.finish()
+    assert code == 0, run.text
+    assert "Not running as root, so both workloads run as you (nobody, uid 65534)" in run.text
+    assert "[backend] the agent says I am spiffe://demo.test/backend (uid 65534)" in run.text
+    assert_a_full_story(run)
+    assert_nothing_left(run.demo_dir())
+    assert not os.path.exists(run.demo_dir())
