@@ -47,6 +47,7 @@ WEB_ID = f"spiffe://{TD}/web"
 CLIENT_ID = f"spiffe://{TD}/client"
 CLIENT_GID = 1
 HELPER = str(Path(PY).parent / "tessera-helper")
+APACHE_MODULES = "/usr/lib/apache2/modules"  # Debian's layout, as scripts/system-deps.sh installs it
 PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -185,7 +186,7 @@ def apache_conf(site: Site, backend_port: int) -> str:
     )
     assert CLIENT_ID in vhost and str(backend_port) in vhost and str(site.svid_dir) in vhost
     modules = "\n".join(
-        f"LoadModule {name}_module /usr/lib/apache2/modules/mod_{name}.so"
+        f"LoadModule {name}_module {APACHE_MODULES}/mod_{name}.so"
         for name in ("mpm_event", "authz_core", "ssl", "headers", "proxy", "proxy_http")
     )
     d = site.dir
@@ -224,6 +225,8 @@ def web() -> Iterator[Web]:
     if os.getuid() != 0:
         pytest.skip("needs root: the web servers' and the client's SVIDs go to two groups of root processes")
     bins = require_binaries("nginx", "apache2", "openssl", "curl")
+    if not os.path.isfile(f"{APACHE_MODULES}/mod_ssl.so"):
+        pytest.skip(f"apache2 is installed but not Debian's layout (no {APACHE_MODULES}/mod_ssl.so)")
     root = short_tempdir("tqw-")
     env = TesseraEnv(root, TD)
     closers: list[Any] = []
