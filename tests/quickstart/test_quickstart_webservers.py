@@ -8,6 +8,7 @@ and serve the new certificate, and no request fails meanwhile.
 from __future__ import annotations
 
 import base64
+import functools
 import http.server
 import json
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from cryptography import x509
 from quickstart_support import (
@@ -290,22 +292,38 @@ def web() -> Iterator[Web]:
             wait_for(lambda s=site: w.curl(s)[0] == 200, 30, f"{site.name} answering")  # type: ignore[misc]
         yield w
     finally:
-        for site in sites:
-            subprocess.run(site.stop, capture_output=True, timeout=60, check=False)
-            wait_for(lambda s=site: not s.pid_file.exists(), 30, f"{site.name} stopped")  # type: ignore[misc]
-        for closer in reversed(closers):
-            if isinstance(closer, http.server.HTTPServer):
-                closer.shutdown()
-                closer.server_close()
-            else:
-                closer.close()
-        env.stop()
-        left = processes_mentioning(str(root))
-        if os.environ.get("TESSERA_KEEP_E2E"):
-            print("web test files in", root)
+        teardown(root, env, sites, closers)
+
+
+def stop_site(site: Site) -> None:
+    """`nginx -s stop` / `apache2 -k stop`, then the master's pid must be gone (its workers go with it)."""
+    pid = int(site.pid_file.read_text().strip()) if site.pid_file.exists() else None
+    subprocess.run(site.stop, capture_output=True, timeout=60, check=False)
+    if pid is not None:
+        wait_for(lambda: not psutil.pid_exists(pid), 30, f"{site.name} master (pid {pid}) to exit")
+
+
+def teardown(root: Path, env: TesseraEnv, sites: list[Site], closers: list[Any]) -> None:
+    """Every step runs even when one before it fails, so no daemon outlives the module."""
+    errors: list[str] = []
+    steps: list[Any] = [functools.partial(stop_site, site) for site in sites]
+    for closer in reversed(closers):
+        if isinstance(closer, http.server.HTTPServer):
+            steps += [closer.shutdown, closer.server_close]
         else:
-            shutil.rmtree(root, ignore_errors=True)
-        assert not left, left
+            steps.append(closer.close)
+    steps.append(env.stop)
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # collected and reported below
+            errors.append(f"{step}: {exc}")
+    left = processes_mentioning(str(root))
+    if os.environ.get("TESSERA_KEEP_E2E"):
+        print("web test files in", root)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not errors and not left, (errors, left)
 
 
 def test_nginx_mtls_with_helper_files_curl_200_and_400_without_client_certificate(web: Web) -> None:
