@@ -361,7 +361,7 @@ async def soak(args: argparse.Namespace, procs: Processes) -> int:
     for i, name in ((0, "server"), (1, "agent")):
         late = statistics.mean(s[i + 1] for s in half) if half else mem_end[i]
         print(f"{name} RSS: {mem_start[i]:.1f} MB after warm-up -> {mem_end[i]:.1f} MB at end "
-              f"(+{mem_end[i] - mem_start[i]:.1f} MB; second-half mean {late:.1f} MB)")  # fmt: skip
+              f"({mem_end[i] - mem_start[i]:+.1f} MB; second-half mean {late:.1f} MB)")  # fmt: skip
     return 0 if failed == 0 else 1
 
 
