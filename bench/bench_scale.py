@@ -109,7 +109,9 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [PY, "-m", "tessera.server", "run", "--trust-domain", TD, "--data-dir", str(workdir / "data"),
                  "--bind-address", f"127.0.0.1:{self.port}", "--socket", self.admin, "--datastore", datastore,
-                 "--log-level", "warning"],
+                 "--log-level", "warning",
+                 # every simulated agent attests from 127.0.0.1: the per-address limit is for real fleets
+                 "--attestation-rate-limit", "0"],
                 stdout=out, stderr=subprocess.STDOUT, cwd="/tmp",
             )  # fmt: skip
         self.ps = psutil.Process(self.proc.pid)
