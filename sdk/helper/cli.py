@@ -126,7 +126,9 @@ class Helper:
             process = self._process
             if process is None or process.poll() is not None:
                 if process is not None:
-                    log.warning("%s exited with status %s; starting it again", cfg.cmd, process.returncode)
+                    # A reload command (`nginx -s reload`) finishes every time: only a failure is news.
+                    level = logging.INFO if process.returncode == 0 else logging.WARNING
+                    log.log(level, "%s exited with status %s; running it again", cfg.cmd, process.returncode)
                 try:
                     self._process = self._start_cmd()
                 except OSError as exc:
