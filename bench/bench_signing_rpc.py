@@ -49,7 +49,8 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen[str], int, str]:
     binary = Path(sys.executable).parent / "tessera-server"
     process = subprocess.Popen(
         [str(binary), "run", "--trust-domain", TD, "--data-dir", str(workdir / "data"), "--bind-address",
-         "127.0.0.1:0", "--socket", socket_path, "--log-level", BENCH_LOG_LEVEL],
+         "127.0.0.1:0", "--socket", socket_path, "--log-level", BENCH_LOG_LEVEL,
+         "--signing-rate-limit", "0"],  # measure signing, not the per-agent rate limit
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     port: list[int] = []
