@@ -191,6 +191,11 @@ class NodeServicer(ngrpc.NodeServicer):
 
     # ----------------------------------------------------------------------------------------- helpers
 
+    def _address(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The agent's network address (the relay's internal peer string means nothing in a log)."""
+        peer = self._peers.lookup(context.peer())
+        return peer.address if peer is not None else context.peer()
+
     async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> AuthorizedAgent:
         peer = self._peers.lookup(context.peer())
         leaf = peer.leaf if peer is not None else None
@@ -227,14 +232,14 @@ class NodeServicer(ngrpc.NodeServicer):
         except grpc.aio.AbortError:
             raise
         except AttestationError as exc:
-            log.info("attestation refused: %s", exc, extra={"peer": context.peer()})
+            log.info("attestation refused: %s", exc, extra={"peer": self._address(context)})
             await context.abort(_REFUSAL_CODES[exc.kind], str(exc))
         except Exception as exc:  # ApiError, datastore and CA errors: the one mapping every RPC uses
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("attestation failed")
             else:
-                log.info("attestation refused: %s", message, extra={"peer": context.peer()})
+                log.info("attestation refused: %s", message, extra={"peer": self._address(context)})
             await context.abort(code, message)
 
     async def _attest(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -277,7 +282,10 @@ class NodeServicer(ngrpc.NodeServicer):
             ),
         )
         bundle = await asyncio.to_thread(self._ca.trust_bundle)
-        log.info("agent attested", extra={"agent_id": str(agent_id), "attestor": attestor.name})
+        log.info(
+            "agent attested",
+            extra={"agent_id": str(agent_id), "attestor": attestor.name, "peer": self._address(context)},
+        )
         await context.write(
             npb.AttestResponse(
                 result=npb.AttestResult(
