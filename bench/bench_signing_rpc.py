@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,55 +37,39 @@ from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
 
 TD = "bench.example.org"
-BENCH_LOG_LEVEL = "warning"
-SERVER_LINES: list[str] = []
 READY = re.compile(r"tessera-server ready: node API on [\d.]+:(\d+)")
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[str], int, str]:
+def start_server(workdir: Path, log_level: str) -> tuple[subprocess.Popen[str], int, str, list[str]]:
+    """Runs `tessera-server run` on a free port; returns the process, the node API port, the admin socket and
+    the (growing) list of the server's log lines."""
     socket_path = str(Path(tempfile.mkdtemp(prefix="tbench-", dir="/tmp")) / "api.sock")
     binary = Path(sys.executable).parent / "tessera-server"
     process = subprocess.Popen(
         [str(binary), "run", "--trust-domain", TD, "--data-dir", str(workdir / "data"), "--bind-address",
-         "127.0.0.1:0", "--socket", socket_path, "--log-level", BENCH_LOG_LEVEL,
+         "127.0.0.1:0", "--socket", socket_path, "--log-level", log_level,
          "--signing-rate-limit", "0"],  # measure signing, not the per-agent rate limit
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    lines: list[str] = []
     port: list[int] = []
     ready = threading.Event()
 
-    def read() -> None:
+    def read() -> None:  # also keeps the pipe drained while the benchmark runs
         assert process.stdout is not None
         for line in process.stdout:
-            SERVER_LINES.append(line)
+            lines.append(line)
             match = READY.search(line)
             if match:
                 port.append(int(match.group(1)))
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    # The ready line is logged at info; with --log-level warning wait for the admin socket instead.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not Path(socket_path).exists():
-        time.sleep(0.05)
-    if not Path(socket_path).exists():
+    if not ready.wait(60):
         process.kill()
-        raise SystemExit("tessera-server did not start")
-    return process, 0, socket_path
-
-
-def node_port(socket_path: str, process: subprocess.Popen[str]) -> int:
-    # The port is chosen by the kernel; read it from /proc (the server process's listening TCP socket).
-    import psutil
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for conn in psutil.Process(process.pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN:
-                return int(conn.laddr.port)
-        time.sleep(0.05)
-    raise SystemExit("tessera-server has no TCP listener")
+        raise SystemExit("tessera-server did not start:\n" + "".join(lines))
+    return process, port[0], socket_path, lines
 
 
 def attest(address: str, bundle_pem: bytes, token: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -117,14 +100,14 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=500, help="CSRs per BatchSignX509SVID call (max 500)")
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight at once (default 1)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--server-log-level", default="info", help="debug also prints the server's own time per batch")
     args = parser.parse_args()
     if not 1 <= args.batch <= 500 or args.n < args.batch:
         parser.error("--batch must be 1..500 and --n at least --batch")
 
     workdir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
-    process, _, socket_path = start_server(workdir)
+    process, port, socket_path, server_lines = start_server(workdir, args.server_log_level)
     try:
-        port = node_port(socket_path, process)
         address = f"127.0.0.1:{port}"
         with grpc.insecure_channel(f"unix:{socket_path}") as admin_channel:
             admin = agrpc.AdminStub(admin_channel)
@@ -194,6 +177,9 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
     report(args, plain, rpc)
+    for line in server_lines:
+        if "signed" in line and "X509-SVIDs in" in line:
+            print("server:", line.rstrip())
     return 0
 
 
