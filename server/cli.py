@@ -266,7 +266,7 @@ def cmd_entry_show(args: argparse.Namespace) -> None:
                 break
             request.page_token = response.next_page_token
     # Written entry by entry (same output as one json.dumps / one joined text): at 100,000 entries building the
-    # whole document first would triple the command's memory.
+    # whole document first more than doubled the command's peak memory (about 370 MB against 160 MB).
     out = sys.stdout
     if args.output == "json":
         if not entries:
