@@ -12,7 +12,11 @@ from tessera.server.config import SETTINGS, build_config
 
 
 def _config(tmp_path: Path, **values: object) -> object:
-    base = {"trust_domain": "example.org", "data_dir": str(tmp_path / "d"), "socket": "/tmp/thard-x/api.sock"}
+    base: dict[str, object] = {
+        "trust_domain": "example.org",
+        "data_dir": str(tmp_path / "d"),
+        "socket": "/tmp/thard-x/api.sock",
+    }
     base.update({k: v for k, v in values.items()})
     return build_config(load_settings("server", SETTINGS, None, base))
 
