@@ -27,6 +27,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from tessera.agent.daemon import SETTINGS as AGENT_SETTINGS
+from tessera.agent.daemon import AgentSettings
 from tessera.sdk.bundle import JwtBundle, SpiffeBundle, X509Bundle
 from tessera.sdk.config import MAX_DURATION, ConfigError, load_settings, parse_duration
 from tessera.sdk.errors import BundleError, SpiffeIdError, SvidError, TesseraError, VerificationError
@@ -223,6 +225,21 @@ def test_server_config_file_is_checked_or_refused(tmp_path_factory: Any, table: 
     for seconds in (config.ca_ttl, config.default_x509_svid_ttl, config.agent_ttl, config.join_token_ttl):
         assert math.isfinite(seconds)
         dt.timedelta(seconds=seconds)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from([s.name for s in AGENT_SETTINGS] + ["bogus"]), toml_values, max_size=8))
+def test_agent_config_file_is_checked_or_refused(tmp_path_factory: Any, table: dict[str, Any]) -> None:
+    path = Path(tmp_path_factory.mktemp("cfg")) / "agent.toml"
+    lines = ["[agent]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        settings = AgentSettings.from_values(load_settings("agent", AGENT_SETTINGS, path, None))
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert settings.sync_interval > 0 and math.isfinite(settings.sync_interval)
+    assert settings.node.server_addresses
 
 
 @FUZZ
