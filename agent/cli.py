@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.agent.daemon import DEFAULT_SOCKET, SETTINGS, AgentSettings, run_agent
 from tessera.agent.errors import AgentError
-from tessera.agent.files import write_atomic
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.config import ConfigError, add_arguments, load_settings
 from tessera.sdk.errors import TesseraError
+from tessera.sdk.files import write_atomic
 from tessera.sdk.logs import setup_logging
 from tessera.sdk.svid import certificates_to_pem, parse_der_certificates
 from tessera.sdk.workloadapi.wire import (

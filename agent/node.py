@@ -32,12 +32,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from tessera.agent.errors import NodeIdentityError, ServerUnavailableError
-from tessera.agent.files import write_atomic
 from tessera.agent.rotation import rotate_at
 from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.errors import TesseraError
+from tessera.sdk.files import write_atomic
 from tessera.sdk.keys import PrivateKey, generate_key, load_private_key_pem, private_key_to_pem
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import (

@@ -24,8 +24,9 @@ from types import FrameType
 from tessera.sdk.bundle import BundleSet, JwtBundle
 from tessera.sdk.config import ConfigError
 from tessera.sdk.errors import TesseraError, WorkloadApiError
+from tessera.sdk.files import write_atomic
 from tessera.sdk.helper.config import HelperConfig, load_config
-from tessera.sdk.helper.files import bundle_pem, ensure_dir, jwt_bundles_json, write_atomic
+from tessera.sdk.helper.files import bundle_pem, ensure_dir, jwt_bundles_json
 from tessera.sdk.logs import setup_logging
 from tessera.sdk.workloadapi.client import WorkloadApiClient
 from tessera.sdk.workloadapi.common import BackoffPolicy, X509Context, is_final

@@ -7,36 +7,12 @@ at any moment reads either the old or the new content, never a mix.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 
 from tessera.sdk.bundle import BundleSet, JwtBundle, X509Bundle
 from tessera.sdk.svid import X509Svid, certificates_to_pem
 from tessera.sdk.workloadapi.common import X509Context
-
-
-def write_atomic(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tessera-", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def bundle_pem(context: X509Context, svid: X509Svid, include_federated: bool) -> bytes:

@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tessera.sdk.bundle import SpiffeBundle
+from tessera.sdk.files import write_private_file
 from tessera.sdk.keys import PublicKey, public_key_der
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.server.datastore.base import Datastore
@@ -92,13 +92,7 @@ class BundlePublisher:
         return {str(i) for i in data.get("published", [])} if isinstance(data, dict) else set()
 
     def _save_state(self, published: set[str]) -> None:
-        tmp = self._state_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"published": sorted(published)}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state_path)
+        write_private_file(self._state_path, json.dumps({"published": sorted(published)}).encode())
         self._published = published
 
     def stored(self) -> tuple[SpiffeBundle | None, int]:

@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from tessera.agent.errors import NodeIdentityError
-from tessera.agent.files import write_atomic
 from tessera.agent.node import (
     AgentIdentity,
     IdentityStore,
@@ -23,6 +22,7 @@ from tessera.agent.node import (
     make_csr,
     sign_challenge,
 )
+from tessera.sdk.files import write_atomic
 from tessera.sdk.keys import generate_key
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.testing import TestCA

@@ -1,0 +1,67 @@
+"""Careful file writes for identity material, shared by the agent, the server and tessera-helper.
+
+A reader (nginx reloading, a restarting daemon) must see either the old file or the new one, never half of
+one, and key bytes must never sit on disk with a wider mode than intended, not even for the instant between
+create and chmod. So: a temporary file in the same directory, created exclusively (a planted file or symlink
+at that name is refused, not followed) with its final mode set by ``fchmod`` (the umask cannot loosen or
+tighten it), flushed to disk, renamed over the target, and the rename made durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replaces ``path`` with ``data`` atomically, the file having exactly ``mode``."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode & 0o600)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """:func:`write_atomic` with mode 0600: for private keys and anything derived from them."""
+    write_atomic(path, data, PRIVATE_FILE_MODE)
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> None:
+    """Creates ``path`` (and parents) if needed and makes sure only the owner can enter it."""
+    directory = Path(path)
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{directory} is not a directory")
+    if stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
+        os.chmod(directory, PRIVATE_DIR_MODE)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Makes a rename or unlink in ``path`` durable (a power cut cannot bring back an old key or journal)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
