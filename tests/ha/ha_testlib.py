@@ -3,6 +3,7 @@ agents pointed at all of them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.bundle import X509Bundle
@@ -123,6 +125,38 @@ class Server(Daemon):
         wait_for(healthy, timeout, f"{self.name} healthy")
 
 
+def ca_ids(server: Server) -> dict[str, str]:
+    """X.509 authority key IDs of a server's CA -> their state (active / prepared / old)."""
+    slots = json.loads(server.admin_cmd("ca", "show", "--output", "json"))
+    items = slots["slots"] if isinstance(slots, dict) else slots
+    return {s["key_id"]: s["state"] for s in items if s.get("kind", "x509") == "x509"}
+
+
+def bundle_roots(server: Server) -> set[str]:
+    pem = server.admin_cmd("bundle", "show").encode()
+    return {
+        x509.SubjectKeyIdentifier.from_public_key(c.public_key()).digest.hex()
+        for c in x509.load_pem_x509_certificates(pem)
+    }
+
+
+def start_agent(root: Path, addresses: list[str], token: str, name: str = "agent") -> tuple[Daemon, str]:
+    """A tessera-agent (join token, bootstrap bundle root/bundle.pem) with every server address; its socket."""
+    sock = str(root / f"{name}-pub" / "api.sock")
+    agent = Daemon(
+        name,
+        [
+            PY, "-m", "tessera.agent", "run", "--trust-domain", TD,
+            "--server-address", ",".join(addresses), "--trust-bundle", str(root / "bundle.pem"),
+            "--join-token", token, "--data-dir", str(root / f"{name}-data"), "--socket", sock,
+            "--sync-interval", "1s", "--sync-max-backoff", "2s",
+        ],
+        root / f"{name}.log",
+    )  # fmt: skip
+    agent.start()
+    return agent, sock
+
+
 @dataclass
 class Observation:
     at: float
@@ -190,8 +224,6 @@ class WorkloadWatcher:
             leaf = chain[0] if chain else None
             aki = ""
             if leaf is not None:
-                from cryptography import x509
-
                 try:
                     ext = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
                     aki = (ext.key_identifier or b"").hex()

@@ -8,33 +8,27 @@ every SVID it is handed against the bundle delivered with it: not one may fail, 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from ha_testlib import PY, TD, Daemon, Server, WorkloadWatcher, cleanup, short_dir, wait_for
+from ha_testlib import (
+    TD,
+    Daemon,
+    Server,
+    WorkloadWatcher,
+    bundle_roots,
+    ca_ids,
+    cleanup,
+    short_dir,
+    start_agent,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 SVID_TTL = "60s"  # the server's minimum X509-SVID TTL: the agent rotates at about half life (~30 s)
-
-
-def ca_ids(server: Server) -> dict[str, str]:
-    """X.509 authority key IDs of a server's CA -> their state (active / prepared / old)."""
-    slots = json.loads(server.admin_cmd("ca", "show", "--output", "json"))
-    items = slots["slots"] if isinstance(slots, dict) else slots
-    return {s["key_id"]: s["state"] for s in items if s.get("kind", "x509") == "x509"}
-
-
-def bundle_roots(server: Server) -> set[str]:
-    pem = server.admin_cmd("bundle", "show").encode()
-    return {
-        x509.SubjectKeyIdentifier.from_public_key(c.public_key()).digest.hex()
-        for c in x509.load_pem_x509_certificates(pem)
-    }
 
 
 @pytest.fixture
@@ -68,18 +62,7 @@ def test_agent_fails_over_and_workloads_keep_verified_rotations(cluster: tuple[P
         token = a.admin_cmd("token", "generate", "--spiffe-id", agent_id).splitlines()[-1].strip()
         a.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-a", "--parent-id", agent_id,
                     "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
-        sock = str(root / "agent-pub" / "api.sock")
-        agent = Daemon(
-            "agent",
-            [
-                PY, "-m", "tessera.agent", "run", "--trust-domain", TD,
-                "--server-address", f"{a.address},{b.address}", "--trust-bundle", str(root / "bundle.pem"),
-                "--join-token", token, "--data-dir", str(root / "agent-data"), "--socket", sock,
-                "--sync-interval", "1s", "--sync-max-backoff", "2s",
-            ],
-            root / "agent.log",
-        )  # fmt: skip
-        agent.start()
+        agent, sock = start_agent(root, [a.address, b.address], token)
         watcher = WorkloadWatcher(sock)
         watcher.start()
         wait_for(lambda: {o.spiffe_id for o in watcher.observations} >= {f"spiffe://{TD}/wl-a"}, 60, "first SVID")
