@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from tessera.sdk.errors import SpiffeIdError, SvidError, TesseraError
 from tessera.sdk.keys import PrivateKey, PublicKey, as_public_key, public_keys_equal, signature_hash
@@ -95,11 +96,11 @@ def _ca_key_usage() -> x509.KeyUsage:
     )
 
 
-def _leaf_key_usage(public_key: PublicKey) -> x509.KeyUsage:
+def _leaf_key_usage_for(*, rsa_key: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+        key_encipherment=rsa_key,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
@@ -185,42 +186,117 @@ def build_x509_svid(
 
     notAfter is capped at the issuer's notAfter (a leaf must never outlive the CA that vouches for it).
     The ID must have a path: a bare trust domain ID names the domain, not a workload.
+
+    This is the server's hot path (every SVID of a batch). The builder is created in one call with all its
+    fields, the constant extensions are DER-encoded once, and the issuer's name, validity and AKI are read
+    once per CA: the fluent ``add_extension`` chain copied the builder and re-checked duplicates six times
+    per certificate, and re-encoding constant extensions is pure waste. The checks the fluent setters make
+    (serial range, dates after 1950) are made here; the DER produced is byte-for-byte what the fluent
+    builder produces (tests/perf/test_perf_x509profile.py compares them).
     """
     sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
     if not sid.is_workload_id():
         raise SvidError(f"{sid} has no path; an X509-SVID names a workload, so its ID needs a path")
     public_key = _public(public_key)
-    not_before = max(_utc(not_before), issuer_cert.not_valid_before_utc)
-    not_after = min(_utc(not_after), issuer_cert.not_valid_after_utc)
+    issuer = _issuer_parts(issuer_cert)
+    not_before = max(_utc(not_before), issuer.not_before)
+    not_after = min(_utc(not_after), issuer.not_after)
     if not_after <= not_before:
         raise SvidError("X509-SVID would be valid for no time at all (the issuing CA has expired?)")
+    if not_before < _EARLIEST_TIME:
+        raise ValueError("certificate notBefore must be on or after 1950-01-01")
+    if serial is None:
+        serial = x509.random_serial_number() or 1
+    elif not isinstance(serial, int) or serial <= 0 or serial.bit_length() >= 160:
+        raise ValueError("certificate serial must be a positive integer of at most 159 bits (RFC 5280)")
     if subject is None:
-        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEFAULT_ORGANIZATION)]
         if dns_names:
-            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0]))
-        subject = x509.Name(attrs)
+            subject = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEFAULT_ORGANIZATION),
+                    x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0]),
+                ]
+            )
+        else:
+            subject = _DEFAULT_LEAF_SUBJECT
     general_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(sid))]
     general_names += [x509.DNSName(name) for name in dns_names]
     general_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(serial if serial is not None else x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(public_key), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier(subject_key_identifier(issuer_cert), None, None), critical=False)
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        _LEAF_BASIC_CONSTRAINTS,
+        _LEAF_KEY_USAGE_RSA if isinstance(public_key, rsa.RSAPublicKey) else _LEAF_KEY_USAGE,
+        _LEAF_EXTENDED_KEY_USAGE,
+        x509.Extension(_SKI_OID, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
+        issuer.authority_key_identifier,
         # An empty subject makes the SAN the only name, and RFC 5280 then requires it to be critical.
-        .add_extension(x509.SubjectAlternativeName(general_names), critical=len(subject) == 0)
+        x509.Extension(_SAN_OID, len(subject) == 0, x509.SubjectAlternativeName(general_names)),
+    ]
+    builder = x509.CertificateBuilder(
+        issuer_name=issuer.name,
+        subject_name=subject,
+        public_key=public_key,
+        serial_number=serial,
+        not_valid_before=not_before.replace(tzinfo=None),
+        not_valid_after=not_after.replace(tzinfo=None),
+        extensions=extensions,
     )
     return builder.sign(issuer_key, signature_hash(issuer_key))  # type: ignore[arg-type]
+
+
+_EARLIEST_TIME = dt.datetime(1950, 1, 1, tzinfo=dt.UTC)
+_SKI_OID = ExtensionOID.SUBJECT_KEY_IDENTIFIER
+_SAN_OID = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+_DEFAULT_LEAF_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEFAULT_ORGANIZATION)])
+
+
+def _preencoded(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
+    """An extension whose DER (``cryptography``'s own encoding of ``value``) is computed once, not per leaf."""
+    return x509.Extension(value.oid, critical, x509.UnrecognizedExtension(value.oid, value.public_bytes()))
+
+
+_LEAF_BASIC_CONSTRAINTS = _preencoded(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+_LEAF_KEY_USAGE = _preencoded(_leaf_key_usage_for(rsa_key=False), critical=True)
+_LEAF_KEY_USAGE_RSA = _preencoded(_leaf_key_usage_for(rsa_key=True), critical=True)
+_LEAF_EXTENDED_KEY_USAGE = _preencoded(
+    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _IssuerParts:
+    certificate: x509.Certificate
+    """Held so that the cache key, ``id(certificate)``, cannot be reused by another object."""
+    name: x509.Name
+    not_before: dt.datetime
+    not_after: dt.datetime
+    authority_key_identifier: x509.Extension[x509.ExtensionType]
+
+
+_ISSUER_CACHE_SIZE = 16
+_issuer_cache: dict[int, _IssuerParts] = {}
+
+
+def _issuer_parts(issuer_cert: x509.Certificate) -> _IssuerParts:
+    """What every leaf takes from its issuer, read (and the AKI encoded) once per CA certificate object.
+
+    A server holds a handful of CAs over its life (rotation), tests make many: the cache is small and simply
+    starts over when full. Concurrent callers may both compute an entry; both results are equal.
+    """
+    parts = _issuer_cache.get(id(issuer_cert))
+    if parts is not None and parts.certificate is issuer_cert:
+        return parts
+    aki = x509.AuthorityKeyIdentifier(subject_key_identifier(issuer_cert), None, None)
+    parts = _IssuerParts(
+        certificate=issuer_cert,
+        name=issuer_cert.subject,
+        not_before=issuer_cert.not_valid_before_utc,
+        not_after=issuer_cert.not_valid_after_utc,
+        authority_key_identifier=_preencoded(aki, critical=False),
+    )
+    if len(_issuer_cache) >= _ISSUER_CACHE_SIZE:
+        _issuer_cache.clear()
+    _issuer_cache[id(issuer_cert)] = parts
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------------
