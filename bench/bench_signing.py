@@ -115,6 +115,13 @@ def _key_usage(rsa_key: bool) -> x509.KeyUsage:
     return x509.KeyUsage(True, False, rsa_key, False, False, False, False, False, False)
 
 
+def _hash_for(ca_key: object) -> hashes.HashAlgorithm:
+    """SHA-384 for a P-384 CA key, else SHA-256: what the server signs with."""
+    if isinstance(ca_key, ec.EllipticCurvePrivateKey) and ca_key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
 def _checked_key(index: int, der: bytes) -> CertificatePublicKeyTypes:
     csr = x509.load_der_x509_csr(der)
     if not csr.is_signature_valid:
@@ -154,7 +161,7 @@ def plain_loop(csrs: Sequence[bytes], ca_cert: x509.Certificate, ca_key: object)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id_for(i))]), critical=False
             )
-            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(ca_key, _hash_for(ca_key))  # type: ignore[arg-type]
         )
         out.append(cert.public_bytes(serialization.Encoding.DER))
     return out
@@ -198,7 +205,7 @@ def plain_loop_tuned(csrs: Sequence[bytes], ca_cert: x509.Certificate, ca_key: o
         builder = x509.CertificateBuilder(
             issuer, subject, public_key, x509.random_serial_number(), not_before, not_after, extensions
         )
-        cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        cert = builder.sign(ca_key, _hash_for(ca_key))  # type: ignore[arg-type]
         out.append(cert.public_bytes(serialization.Encoding.DER))
     return out
 
