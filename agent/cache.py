@@ -9,6 +9,7 @@ cost one response build. Pure state: the clock is injected and no I/O happens he
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections import OrderedDict
@@ -210,6 +211,24 @@ class WorkloadCache:
             )
         return len(victims)
 
+    def rotate_revoked(self, serials: Iterable[int]) -> int:
+        """Re-issues now every cached SVID whose leaf serial is on a CRL (kept serving until replaced: the
+        server revoked it, so peers refuse it either way, and the replacement comes with this sync)."""
+        revoked = set(serials)
+        if not revoked:
+            return 0
+        victims = []
+        for k, s in self.svids.items():
+            try:
+                leaf_serial = x509.load_der_x509_certificate(_first_der(s.chain_der)).serial_number
+            except ValueError:
+                continue
+            if leaf_serial in revoked and s.rotate_at > 0.0:
+                victims.append(k)
+        for k in victims:
+            self.svids[k] = dataclasses.replace(self.svids[k], rotate_at=0.0)
+        return len(victims)
+
     # -- what to sign ----------------------------------------------------------------------------------
 
     @contextmanager
@@ -387,3 +406,15 @@ def make_cached_svid(
         signing_inputs=entry.signing_inputs(),
         authority_key_id=aki.hex(),
     )
+
+
+def _first_der(chain_der: bytes) -> bytes:
+    """The first certificate of a concatenated DER chain (its SEQUENCE header gives its length)."""
+    if len(chain_der) < 2 or chain_der[0] != 0x30:
+        raise ValueError("not a DER certificate")
+    first = chain_der[1]
+    if first < 0x80:
+        return chain_der[: 2 + first]
+    n = first & 0x7F
+    length = int.from_bytes(chain_der[2 : 2 + n], "big")
+    return chain_der[: 2 + n + length]

@@ -30,6 +30,7 @@ import grpc
 import grpc.aio
 from cryptography import x509
 
+from tessera.sdk.crl import RevocationChecker
 from tessera.sdk.errors import AuthorizationError, TesseraError
 from tessera.sdk.source import X509Snapshot, X509SnapshotSource
 from tessera.sdk.spiffeid import SpiffeId
@@ -102,11 +103,35 @@ class _ReverifyCache:
     def __init__(self) -> None:
         self._snapshot: X509Snapshot | None = None
         self._verified: dict[bytes, SpiffeId] = {}
+        self._revocations: RevocationChecker | None = None
+        self._not_revoked: set[bytes] = set()
 
-    def verify(self, snapshot: X509Snapshot, chain_pem: bytes) -> SpiffeId:
+    def _follow(self, snapshot: X509Snapshot) -> None:
         if snapshot is not self._snapshot:
             self._verified = {}
+            self._not_revoked = set()
+            self._revocations = RevocationChecker(snapshot.crls) if snapshot.crls else None
             self._snapshot = snapshot
+
+    def revoked(self, snapshot: X509Snapshot, peer: SpiffeId, leaf_pem: bytes, chain_pem: bytes | None) -> bool:
+        """Whether the caller's leaf is on a CRL of the snapshot (signed by its issuer)."""
+        self._follow(snapshot)
+        checker = self._revocations
+        if checker is None or leaf_pem in self._not_revoked:
+            return False
+        certs = parse_pem_certificates(chain_pem or leaf_pem)
+        issuers = certs[1:]
+        bundle = snapshot.bundles.get(peer.trust_domain)
+        if bundle is not None:
+            issuers.extend(bundle.authorities)
+        if checker.is_revoked(parse_pem_certificates(leaf_pem)[0], issuers):
+            return True
+        if len(self._not_revoked) < 4096:
+            self._not_revoked.add(leaf_pem)
+        return False
+
+    def verify(self, snapshot: X509Snapshot, chain_pem: bytes) -> SpiffeId:
+        self._follow(snapshot)
         verified = self._verified
         sid = verified.get(chain_pem)
         if sid is None:
@@ -144,6 +169,13 @@ def _authorize_context(
                 ) from None
             if verified != peer:
                 raise AuthorizationError(f"caller chain verifies as {verified}, not {peer}")
+        try:
+            chain_pem = _auth_value(auth, "x509_pem_cert_chain")
+            revoked = bool(snapshot.crls) and cache.revoked(snapshot, peer, pem, chain_pem)
+        except (TesseraError, ValueError) as exc:
+            raise AuthorizationError(f"caller {peer}'s chain is unreadable: {exc}") from None
+        if revoked:
+            raise AuthorizationError(f"caller {peer} presented a revoked certificate")
     authorizer(peer)
     return peer
 

@@ -45,6 +45,8 @@ class X509Snapshot:
     svid: X509Svid
     bundles: BundleSet[X509Bundle]
     svids: tuple[X509Svid, ...] = ()
+    crls: tuple[bytes, ...] = ()
+    """DER CRLs from the Workload API: TLS contexts built from this snapshot refuse the certificates listed."""
 
     def bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
         return self.bundles.get(trust_domain)
@@ -268,7 +270,7 @@ class X509Source(_SyncWatchedSource[X509Snapshot]):
 
     def _convert(self, update: object) -> X509Snapshot:
         assert isinstance(update, X509Context)
-        return X509Snapshot(self._picker(update.svids), update.bundles, update.svids)
+        return X509Snapshot(self._picker(update.svids), update.bundles, update.svids, update.crls)
 
     def snapshot(self) -> X509Snapshot:
         return self._current()
@@ -460,7 +462,7 @@ class AsyncX509Source(_AsyncWatchedSource[X509Snapshot]):
 
     def _convert(self, update: object) -> X509Snapshot:
         assert isinstance(update, X509Context)
-        return X509Snapshot(self._picker(update.svids), update.bundles, update.svids)
+        return X509Snapshot(self._picker(update.svids), update.bundles, update.svids, update.crls)
 
     def snapshot(self) -> X509Snapshot:
         return self._current()

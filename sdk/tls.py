@@ -31,6 +31,7 @@ from typing import Any
 
 from cryptography import x509
 
+from tessera.sdk.crl import RevocationChecker
 from tessera.sdk.errors import AuthorizationError, TesseraError
 from tessera.sdk.source import X509Snapshot, X509SnapshotSource
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
@@ -145,7 +146,7 @@ class _PeerCheck:
     """Authorizes the peer of one handshake; bound to the inner context, hence to the bundles that
     OpenSSL verified the chain against."""
 
-    __slots__ = ("_anchored", "_authorizer", "_bundles", "_ids", "_multi_td")
+    __slots__ = ("_anchored", "_authorizer", "_bundles", "_ids", "_multi_td", "_not_revoked", "_revocations")
 
     def __init__(self, authorizer: Authorizer, snapshot: X509Snapshot) -> None:
         self._authorizer = authorizer
@@ -154,6 +155,9 @@ class _PeerCheck:
         self._anchored: set[bytes] = set()
         self._bundles = snapshot.bundles
         self._multi_td = len(snapshot.bundles) > 1
+        # CRLs come with the snapshot, so a new CRL means a new inner context: leaves found unrevoked here stay so.
+        self._revocations = RevocationChecker(snapshot.crls) if snapshot.crls else None
+        self._not_revoked: set[bytes] = set()
 
     def __call__(self, tls: ssl.SSLSocket | ssl.SSLObject) -> SpiffeId:
         der = tls.getpeercert(binary_form=True)
@@ -167,11 +171,30 @@ class _PeerCheck:
             self._ids[der] = peer
         if self._multi_td:
             self._reverify(tls, peer)
+        if self._revocations is not None and der not in self._not_revoked:
+            self._check_revocation(tls, der, peer)
         try:
             self._authorizer(peer)
         except AuthorizationError as exc:
             raise PeerAuthorizationError(f"peer refused: {exc}") from None
         return peer
+
+    def _check_revocation(self, tls: ssl.SSLSocket | ssl.SSLObject, der: bytes, peer: SpiffeId) -> None:
+        """Refuses a leaf listed on a CRL signed by its issuer (a presented intermediate or a bundle CA)."""
+        assert self._revocations is not None
+        try:
+            leaf = x509.load_der_x509_certificate(der)
+            issuers = [x509.load_der_x509_certificate(d) for d in _peer_chain_der(tls)[1:]]
+        except ValueError as exc:
+            raise PeerAuthorizationError(f"peer certificate chain is unreadable: {exc}") from None
+        bundle = self._bundles.get(peer.trust_domain)
+        if bundle is not None:
+            issuers.extend(bundle.authorities)
+        if self._revocations.is_revoked(leaf, issuers):
+            raise PeerAuthorizationError(f"peer {peer} presented a revoked certificate (serial {leaf.serial_number:x})")
+        if len(self._not_revoked) >= _ID_CACHE_SIZE:
+            self._not_revoked.clear()
+        self._not_revoked.add(der)
 
     def _reverify(self, tls: ssl.SSLSocket | ssl.SSLObject, peer: SpiffeId) -> None:
         ders = _peer_chain_der(tls)

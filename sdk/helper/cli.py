@@ -23,6 +23,7 @@ from types import FrameType
 
 from tessera.sdk.bundle import BundleSet, JwtBundle
 from tessera.sdk.config import ConfigError
+from tessera.sdk.crl import crls_to_pem
 from tessera.sdk.errors import TesseraError, WorkloadApiError
 from tessera.sdk.files import write_atomic
 from tessera.sdk.helper.config import HelperConfig, load_config
@@ -68,6 +69,10 @@ class Helper:
             bundle_pem(context, svid, cfg.include_federated_domains),
             cfg.cert_file_mode,
         )
+        if cfg.crl_file_name is not None:
+            # Written before the reload like the rest: nginx's ssl_crl then refuses revoked client SVIDs.
+            # (OpenSSL checking CRLs wants one for every CA of the chain; the server signs one per CA.)
+            write_atomic(self._path(cfg.crl_file_name), crls_to_pem(context.crls), cfg.cert_file_mode)
         log.info("wrote X509-SVID %s (expires %s)", svid.spiffe_id, svid.expires_at.isoformat())
 
     def write_jwt_svids(self) -> None:

@@ -26,6 +26,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("svid_bundle_file_name", "str", "svid_bundle.pem", help="trust bundle file (PEM CA certificates)"),
     Setting("include_federated_domains", "bool", False, help="also put federated trust domains' CAs in the bundle"),
     Setting("jwt_bundle_file_name", "str", help="JWT bundles file (JSON: trust domain -> JWKS)"),
+    Setting("crl_file_name", "str", help="CRL file (PEM, one CRL per CA) for nginx ssl_crl / Apache"),
     Setting("cmd", "str", help="program to start after the first write and to signal on every renewal"),
     Setting("cmd_args", "str", "", help="arguments for cmd (one string, split like a shell would)"),
     Setting("pid_file_name", "path", help="file holding the pid of a process to signal after each write"),
@@ -57,6 +58,7 @@ class HelperConfig:
     svid_bundle_file_name: str
     include_federated_domains: bool = False
     jwt_bundle_file_name: str | None = None
+    crl_file_name: str | None = None
     jwt_svids: tuple[JwtSvidFile, ...] = ()
     cmd: str | None = None
     cmd_args: tuple[str, ...] = ()
@@ -195,6 +197,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         svid_bundle_file_name=_file_name(values["svid_bundle_file_name"], "svid_bundle_file_name"),
         include_federated_domains=values["include_federated_domains"],
         jwt_bundle_file_name=_optional_file_name(values["jwt_bundle_file_name"], "jwt_bundle_file_name"),
+        crl_file_name=_optional_file_name(values["crl_file_name"], "crl_file_name"),
         jwt_svids=_parse_jwt_svids(jwt_raw),
         cmd=values["cmd"] or None,
         cmd_args=cmd_args,

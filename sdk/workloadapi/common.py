@@ -106,6 +106,8 @@ class X509Context:
 
     svids: tuple[X509Svid, ...]
     bundles: BundleSet[X509Bundle]
+    crls: tuple[bytes, ...] = ()
+    """DER CRLs the agent passed on (revoked SVIDs of its trust domain); TLS contexts refuse what they list."""
 
     @property
     def default_svid(self) -> X509Svid:
@@ -153,7 +155,7 @@ def decode_x509_svid_response(resp: pb.X509SVIDResponse) -> X509Context:
             bundles[td] = X509Bundle.parse_der(td, der)
         except TesseraError as exc:
             raise WorkloadApiResponseError(f"federated bundle for {td} is invalid: {exc}") from None
-    return X509Context(svids=tuple(svids), bundles=BundleSet(bundles.values()))
+    return X509Context(svids=tuple(svids), bundles=BundleSet(bundles.values()), crls=tuple(resp.crl))
 
 
 def decode_x509_bundles_response(resp: pb.X509BundlesResponse) -> BundleSet[X509Bundle]:
