@@ -212,6 +212,7 @@ class ServerApp:
             max_x509_svid_ttl=dt.timedelta(seconds=max(cfg.ca_ttl, cfg.default_x509_svid_ttl)),
             jwt_svid_ttl=dt.timedelta(seconds=cfg.default_jwt_svid_ttl),
             max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
+            bundle_refresh_hint=dt.timedelta(seconds=int(cfg.federation_refresh_hint)),
         )
         key_manager = make_key_manager(cfg.ops)  # None: keys on disk in the data dir (0600)
         if key_manager is None:

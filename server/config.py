@@ -44,6 +44,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("federation_profile", "str", "https_spiffe", help="bundle endpoint TLS: https_spiffe or https_web"),
     Setting("federation_cert", "path", None, help="https_web: PEM certificate chain of the bundle endpoint"),
     Setting("federation_key", "path", None, help="https_web: PEM private key of the bundle endpoint"),
+    Setting(
+        "federation_refresh_hint", "duration", "5m", help="spiffe_refresh_hint the bundle endpoint advertises"
+    ),
     *OPS_SETTINGS,  # key manager (disk / pkcs11), metrics listener, rate limits: see tessera.server.opsconfig
 )
 
@@ -77,6 +80,7 @@ class ServerConfig:
     federation_profile: str = "https_spiffe"
     federation_cert: Path | None = None
     federation_key: Path | None = None
+    federation_refresh_hint: float = 300.0
     ops: OpsConfig = field(default_factory=OpsConfig)
 
     @property
@@ -186,6 +190,9 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
     fed_key = _optional_path(values.get("federation_key"))
     if profile == "https_web" and fed_host is not None and (fed_cert is None or fed_key is None):
         raise ConfigError("federation_profile https_web needs federation_cert and federation_key")
+    refresh_hint = float(values.get("federation_refresh_hint") or 300.0)
+    if not 1 <= refresh_hint <= 86400:
+        raise ConfigError(f"federation_refresh_hint: must be between 1s and 1d, got {refresh_hint:g}s")
     for name, path in (("federation_cert", fed_cert), ("federation_key", fed_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{name}: {path} is not a readable file")
@@ -214,6 +221,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
         federation_profile=profile,
         federation_cert=fed_cert,
         federation_key=fed_key,
+        federation_refresh_hint=refresh_hint,
         ops=build_ops_config(values),
     )
 

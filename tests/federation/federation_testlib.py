@@ -95,7 +95,7 @@ class Domain:
                 PY, "-m", "tessera.server", "run", "--trust-domain", trust_domain,
                 "--data-dir", str(root / "server"), "--bind-address", f"127.0.0.1:{self.port}",
                 "--socket", self.admin_socket, "--federation-bind-address", f"127.0.0.1:{self.federation_port}",
-                "--federation-profile", "https_spiffe",
+                "--federation-profile", "https_spiffe", "--federation-refresh-hint", "2s",
             ],
             root / "server.log",
         )  # fmt: skip

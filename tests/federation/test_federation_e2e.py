@@ -152,7 +152,7 @@ def _active_x509(domain: Domain) -> str:
 
 
 def test_compromise_drill_prepare_activate_taint_revoke_without_a_failed_request(env: tuple[Domain, Domain]) -> None:
-    a, _ = env
+    a, b = env
     a.entry("/api")
     web, api = a.source("/web"), a.source("/api")
     server = serve(web, authorize_id(f"spiffe://{A}/api"))
@@ -189,7 +189,14 @@ def test_compromise_drill_prepare_activate_taint_revoke_without_a_failed_request
             for s in json.loads(a.admin("ca", "show", "--output", "json"))
             if s["kind"] == "x509" and s["state"] == "prepared"
         )
-        # The prepared CA reaches every workload's bundle before it signs anything.
+
+        # The prepared CA reaches every workload's bundle before it signs anything, and b.test's refresher
+        # fetches it at the advertised refresh hint (2 s here) without being asked.
+        def b_sees_both() -> bool:
+            shown = json.loads(b.admin("federation", "show", "--trust-domain", A, "--output", "json"))
+            return bool(shown["x509_authorities"] == 2)
+
+        wait_for(b_sees_both, what="b.test to refresh a.test's bundle at its refresh hint")
         wait_for(
             lambda: all(len(s.bundles.get(TrustDomain(A)) or ()) >= 2 for s in (web, api)), what="new CA published"
         )
