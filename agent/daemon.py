@@ -14,7 +14,15 @@ from typing import Any
 from tessera.agent.attestors import default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
-from tessera.agent.errors import NodeIdentityError, ServerUnavailableError
+from tessera.agent.errors import AgentError, NodeIdentityError, ServerUnavailableError
+from tessera.agent.limits import DEFAULT_MAX_STREAMS_PER_CALLER, ConcurrencyLimiter
+from tessera.agent.metrics import (
+    AgentMetrics,
+    AgentStateCollector,
+    MetricsListener,
+    WorkloadApiInterceptor,
+    instrument_sync,
+)
 from tessera.agent.node import NodeClient, NodeConfig
 from tessera.agent.rotation import backoff_delay
 from tessera.agent.sync import SyncLoop
@@ -42,6 +50,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("x509_svid_cache_max_size", "int", 1000, help="soft cap on cached SVIDs no workload is watching"),
     Setting("log_level", "str", "info", help="debug, info, warning or error"),
     Setting("log_format", "str", "text", help="text or json"),
+    Setting("metrics_bind_address", "str", None, help="HOST:PORT of the Prometheus /metrics listener (off if unset)"),
+    Setting(
+        "workload_api_max_streams_per_caller",
+        "int",
+        DEFAULT_MAX_STREAMS_PER_CALLER,
+        help="open Workload API streams allowed per caller uid (0 = no limit)",
+    ),
 )
 
 
@@ -52,6 +67,8 @@ class AgentSettings:
     sync_interval: float
     sync_max_backoff: float
     cache_max: int
+    metrics_address: tuple[str, int] | None = None
+    max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> AgentSettings:
@@ -72,6 +89,11 @@ class AgentSettings:
             raise ConfigError("sync_interval: must be positive")
         if values["x509_svid_cache_max_size"] < 1:
             raise ConfigError("x509_svid_cache_max_size: must be at least 1")
+        metrics_address = _host_port(values.get("metrics_bind_address"), "metrics_bind_address")
+        max_streams = values.get("workload_api_max_streams_per_caller")
+        max_streams = DEFAULT_MAX_STREAMS_PER_CALLER if max_streams is None else int(max_streams)
+        if max_streams < 0:
+            raise ConfigError("workload_api_max_streams_per_caller: must be 0 (no limit) or positive")
         return cls(
             node=NodeConfig(
                 trust_domain=td,
@@ -88,7 +110,19 @@ class AgentSettings:
             sync_interval=float(values["sync_interval"]),
             sync_max_backoff=float(values["sync_max_backoff"]),
             cache_max=int(values["x509_svid_cache_max_size"]),
+            metrics_address=metrics_address,
+            max_streams_per_caller=max_streams,
         )
+
+
+def _host_port(text: str | None, key: str) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def _raise_fd_limit() -> None:
@@ -102,6 +136,7 @@ def _raise_fd_limit() -> None:
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self.metrics_port = 0
         self.cache = WorkloadCache(
             settings.node.trust_domain.id_string, max_unwatched_svids=settings.cache_max
         )
@@ -109,7 +144,27 @@ class Agent:
         self.sync = SyncLoop(
             self.node, self.cache, interval=settings.sync_interval, max_backoff=settings.sync_max_backoff
         )
-        self.endpoint = WorkloadEndpoint(settings.socket, self.cache, default_attestors(), minter=self.sync.mint_jwt)
+        # Metrics (opt-in) and the per-caller stream cap (always) wrap the Workload API; see tessera.agent.metrics.
+        self.metrics = AgentMetrics() if settings.metrics_address is not None else None
+        self._metrics_listener: MetricsListener | None = None
+        self.endpoint = WorkloadEndpoint(
+            settings.socket,
+            self.cache,
+            default_attestors(),
+            minter=self.sync.mint_jwt,
+            interceptors=[
+                WorkloadApiInterceptor(
+                    self.metrics, self._caller_uid, ConcurrencyLimiter(settings.max_streams_per_caller)
+                )
+            ],
+        )
+        if self.metrics is not None:
+            instrument_sync(self.sync, self.metrics)
+            self.metrics.registry.register(AgentStateCollector(self.cache, self.sync, self.node))
+
+    def _caller_uid(self, peer: str) -> int | None:
+        process = self.endpoint.registry.lookup(peer)
+        return None if process is None else process.uid
 
     async def _start_node(self, stop: asyncio.Event) -> bool:
         failures = 0
@@ -133,6 +188,15 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until ``stop`` is set; raises NodeIdentityError when the agent cannot authenticate."""
         _raise_fd_limit()
+        if self.metrics is not None and self.settings.metrics_address is not None:
+            host, port = self.settings.metrics_address
+            listener = MetricsListener(self.metrics.registry)
+            try:
+                self.metrics_port = listener.start(host, port)
+            except OSError as exc:
+                message = f"metrics_bind_address: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                raise AgentError(message) from None
+            self._metrics_listener = listener
         await self.endpoint.start()
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -155,6 +219,9 @@ class Agent:
                     await task
             await self.endpoint.stop()
             await self.node.close()
+            if self._metrics_listener is not None:
+                await asyncio.to_thread(self._metrics_listener.stop)
+                self._metrics_listener = None
             log.info("agent stopped")
 
 

@@ -73,8 +73,10 @@ class WorkloadEndpoint:
         minter: JwtMinter | None = None,
         proc_root: str = "/proc",
         first_response_timeout: float = 30.0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.socket_path = socket_path
+        self._interceptors = list(interceptors)
         self.registry = PeerRegistry()
         self.servicer = WorkloadApiServicer(
             cache,
@@ -95,6 +97,7 @@ class WorkloadEndpoint:
         self._private_dir = tempfile.mkdtemp(prefix="tessera-agent-", dir="/tmp")
         internal = f"{self._private_dir}/grpc.sock"
         server = grpc.aio.server(
+            interceptors=self._interceptors or None,
             options=[
                 ("grpc.max_concurrent_streams", 10000),
                 ("grpc.so_reuseport", 0),
