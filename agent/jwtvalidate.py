@@ -12,6 +12,10 @@ from tessera.agent.errors import AgentError
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.spiffeid import SpiffeId
 
+CLOCK_SKEW_LEEWAY = 10.0
+"""Seconds of clock difference tolerated on exp/nbf/iat (as the SDK's validator): a workload or agent whose clock
+is a few seconds behind the server must not refuse a JWT-SVID minted a moment ago."""
+
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 
 
@@ -55,6 +59,7 @@ def validate_jwt_svid(token: str, audience: str, bundles: Mapping[str, TrustBund
             algorithms=[alg],
             audience=audience,
             options={"require": ["sub", "aud", "exp"]},
+            leeway=CLOCK_SKEW_LEEWAY,
         )
     except jwt.PyJWTError as exc:
         raise JwtValidationError(f"JWT-SVID is not valid: {exc}") from exc

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 JwtMinter = Callable[[EntryRecord, Sequence[str]], Awaitable[CachedJwt]]
 
 
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_BYTES = 1024
+"""The server's limits on a JWT-SVID's audience (node API MintJWTSVID), checked before asking it."""
+
 class WorkloadApiServicer:
     def __init__(
         self,
@@ -160,6 +164,13 @@ class WorkloadApiServicer:
         audience = [a for a in request.audience if a]
         if not audience:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience is required")
+        if len(audience) > MAX_AUDIENCES or any(len(a.encode()) > MAX_AUDIENCE_BYTES for a in audience):
+            # The server refuses these too; saying so here keeps it a caller error rather than "unavailable".
+            await self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_AUDIENCES} audiences of at most {MAX_AUDIENCE_BYTES} bytes each",
+            )
         if request.spiffe_id:
             try:
                 SpiffeId.parse(request.spiffe_id)

@@ -184,7 +184,7 @@ def _skewed(offset: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(not os.path.exists(FAKETIME_LIB), reason="libfaketime missing: run scripts/system-deps.sh")
-@pytest.mark.parametrize("offset", ["+5s"])
+@pytest.mark.parametrize("offset", ["+5s", "-5s"])
 def test_clock_skew_of_a_few_seconds_between_agent_and_server(root: Path, offset: str) -> None:
     server = ServerProc(root).start_and_wait()
     agent: AgentProc | None = None
@@ -265,6 +265,39 @@ def test_outage_longer_than_the_agent_svid_life_recovers_by_x509pop(root: Path) 
         wait_for(reattested, timeout=45, what="the agent to re-attest by itself")
         assert agent.alive()
         assert "x509pop" in agent.output()
+    finally:
+        if agent is not None:
+            agent.stop()
+        server.stop()
+
+
+def test_sigterm_ends_workload_streams_with_unavailable(root: Path) -> None:
+    server = ServerProc(root).start_and_wait()
+    agent: AgentProc | None = None
+    try:
+        server.write_bundle(root / "bundle.pem")
+        agent_id = f"spiffe://{TD}/host/graceful"
+        server.cli(
+            "entry", "create", "--spiffe-id", f"spiffe://{TD}/graceful", "--parent-id", agent_id,
+            "--selector", "unix:uid:0",
+        )  # fmt: skip
+        agent = AgentProc(root, server, "agent", "--join-token", server.token(agent_id)).start_and_wait()
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            streams = [
+                WorkloadApiStub(channel).FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=60)
+                for _ in range(3)
+            ]
+            for stream in streams:
+                next(stream)
+            assert agent.proc is not None
+            started = time.monotonic()
+            code = agent.stop()
+            assert code == 0 and time.monotonic() - started < 15
+            for stream in streams:
+                with pytest.raises(grpc.RpcError) as info:
+                    next(stream)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        agent = None
     finally:
         if agent is not None:
             agent.stop()
