@@ -68,6 +68,7 @@ from tessera.server.metrics import (
     ServerStateCollector,
 )
 from tessera.server.opsconfig import make_key_manager
+from tessera.server.statecheck import check_persistent_state
 
 log = logging.getLogger("tessera.server")
 
@@ -199,6 +200,7 @@ class ServerApp:
     def _open_state(self) -> None:
         cfg = self.config
         _check_data_dir(cfg.data_dir)
+        check_persistent_state(cfg.data_dir, cfg.datastore)  # never start over on half a data dir
         upstream = None
         if cfg.upstream_authority_cert is not None and cfg.upstream_authority_key is not None:
             upstream = UpstreamAuthority.load(

@@ -103,6 +103,35 @@ def test_a_corrupted_database_is_refused(root: Path) -> None:
     assert "corrupt" in line and "refusing to use it" in line
 
 
+def test_a_removed_database_is_refused_never_an_empty_restart(root: Path) -> None:
+    server, bundle = _fresh_server(root)
+    (server.data_dir / "datastore.sqlite3").rename(root / "backup.sqlite3")
+    line = _exits_with_one_line(ServerProc(root, port=server.port))
+    assert "datastore.sqlite3 is missing" in line and "restore" in line
+    assert not (server.data_dir / "datastore.sqlite3").exists()
+    # Restoring the backup brings everything back, with the same CA.
+    (root / "backup.sqlite3").rename(server.data_dir / "datastore.sqlite3")
+    restarted = ServerProc(root, port=server.port).start_and_wait()
+    try:
+        assert restarted.cli("bundle", "show") == bundle
+        assert f"spiffe://{TD}/kept" in restarted.cli("entry", "show")
+    finally:
+        restarted.stop()
+
+
+def test_removed_ca_state_is_refused_never_a_silent_new_ca(root: Path) -> None:
+    server, bundle = _fresh_server(root)
+    shutil.move(server.data_dir / "ca", root / "ca-backup")
+    line = _exits_with_one_line(ServerProc(root, port=server.port))
+    assert "CA state" in line and "missing" in line and "new CA" in line
+    shutil.move(root / "ca-backup", server.data_dir / "ca")
+    restarted = ServerProc(root, port=server.port).start_and_wait()
+    try:
+        assert restarted.cli("bundle", "show") == bundle
+    finally:
+        restarted.stop()
+
+
 def test_a_full_disk_is_a_clear_error_and_the_server_stays_up(root: Path) -> None:
     mount = root / "small"
     mount.mkdir()
