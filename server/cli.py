@@ -41,7 +41,11 @@ def _fail(message: str) -> NoReturn:
 
 def _channel(socket_path: str) -> grpc.Channel:
     path = Path(socket_path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except PermissionError:  # the socket's directory is private to the server's user (0700)
+        _fail(f"admin socket {socket_path}: permission denied (run admin commands as the server's user)")
+    if not exists:
         _fail(f"admin socket {socket_path} does not exist (is tessera-server running? use --socket PATH)")
     return grpc.insecure_channel("unix:" + str(path.absolute()))
 
@@ -53,8 +57,9 @@ def _call(socket_path: str, method: str, request: Any) -> Any:
             return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
         except grpc.RpcError as exc:
             code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                _fail(f"cannot reach tessera-server on {socket_path}: {exc.details()}")
+            details = exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or not details):
+                _fail(f"cannot reach tessera-server on {socket_path}: {details}")
             _fail(f"{code.name.lower()}: {exc.details()}")
 
 

@@ -199,6 +199,27 @@ def test_the_admin_api_is_unreachable_without_admin_rights(world: World) -> None
     assert run_as(NOBODY, ADMIN_SCRIPT, world.server.admin_socket) == "REFUSED PermissionError"
 
 
+def test_the_admin_cli_run_by_another_user_fails_in_one_line(world: World) -> None:
+    cli = CLI_SCRIPT.replace("SOCKET", world.server.admin_socket)
+    out = run_as(NOBODY, cli)
+    code, _, stderr = out.partition("\n")
+    assert code != "0" and stderr.strip() and len(stderr.strip().splitlines()) == 1, out
+    assert "permission denied" in stderr.lower() and "Traceback" not in out
+    assert "spiffe://" not in out
+
+
+CLI_SCRIPT = """
+import contextlib, io
+from tessera.server.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+    code = main(["entry", "show", "--socket", "SOCKET"])
+print(code)
+print(err.getvalue().strip())
+print(out.getvalue().strip())
+"""
+
+
 def _mode(path: Path | str) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
