@@ -300,6 +300,8 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
                 raise invalid(f"serial: {exc}") from None
             if request.cut_off:
                 raise invalid("cut_off applies to entry_id or agent_id; to stop an entry, revoke by entry id")
+        elif not getattr(request, which):
+            raise invalid(f"{which} is empty")  # the oneof is set, but to an empty value
         elif which == "entry_id":
             target = RevocationTarget(entry_id=request.entry_id)
             await asyncio.to_thread(self._ds.get_entry, request.entry_id)  # NotFound for an unknown entry

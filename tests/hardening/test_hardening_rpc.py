@@ -185,6 +185,64 @@ def test_federated_bundle_fuzz(admin: agrpc.AdminStub, td: str, data: bytes, fmt
     assert status_of(lambda: admin.GetBundle(apb.GetBundleRequest(format=fmt), timeout=30)) in {OK, INVALID}  # type: ignore[arg-type]
 
 
+urls = st.one_of(
+    st.sampled_from(["", "https://b.example:8443/", "http://b.example/", "ftp://x", "https://", "https://[::1"]),
+    st.text(max_size=40),
+)
+
+
+@RPC_FUZZ
+@given(
+    st.one_of(st.sampled_from(["b.test", "", TD, "B.TEST", "spiffe://b.test"]), st.text(max_size=20)),
+    urls,
+    st.one_of(st.sampled_from(["https_web", "https_spiffe", ""]), st.text(max_size=12)),
+    ids,
+    st.one_of(st.binary(max_size=200), st.just(b"")),
+    st.sampled_from([0, 1, 9]),
+)
+def test_trust_admin_federation_fuzz(
+    server: RunningServer, td: str, url: str, profile: str, endpoint_id: str, bundle: bytes, fmt: int
+) -> None:
+    with grpc.insecure_channel(f"unix:{server.config.socket_path}") as channel:
+        trust = agrpc.TrustAdminStub(channel)  # type: ignore[no-untyped-call]
+        relationship = apb.FederationRelationship(
+            trust_domain=td, bundle_endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id
+        )
+        request = apb.CreateFederationRelationshipRequest(
+            relationship=relationship, bundle=bundle, bundle_format=fmt  # type: ignore[arg-type]
+        )
+        allowed = {OK, INVALID, EXISTS, NOT_FOUND, FAILED}
+        assert status_of(lambda: trust.CreateFederationRelationship(request, timeout=30)) in allowed
+        assert status_of(lambda: trust.UpdateFederationRelationship(request, timeout=30)) in allowed
+        get = apb.GetFederationRelationshipRequest(trust_domain=td)
+        assert status_of(lambda: trust.GetFederationRelationship(get, timeout=30)) in {OK, INVALID, NOT_FOUND}
+        assert status_of(lambda: trust.DeleteFederationRelationship(get, timeout=30)) in {OK, INVALID, NOT_FOUND}
+
+
+@RPC_FUZZ
+@given(
+    st.one_of(st.sampled_from(["x509", "jwt", ""]), st.text(max_size=8)),
+    st.one_of(st.text(max_size=60), st.just("f" * 40)),
+    st.booleans(),
+    st.sampled_from(["serial", "entry_id", "agent_id"]),
+    st.one_of(st.text(max_size=60), ids),
+    st.booleans(),
+)
+def test_trust_admin_authority_and_revocation_fuzz(
+    server: RunningServer, kind: str, key_id: str, force: bool, target: str, value: str, cut_off: bool
+) -> None:
+    with grpc.insecure_channel(f"unix:{server.config.socket_path}") as channel:
+        trust = agrpc.TrustAdminStub(channel)  # type: ignore[no-untyped-call]
+        authority = apb.AuthorityRequest(kind=kind, key_id=key_id, force=force)
+        allowed = {INVALID, NOT_FOUND, FAILED}
+        assert status_of(lambda: trust.TaintAuthority(authority, timeout=30)) in allowed
+        assert status_of(lambda: trust.RevokeAuthority(authority, timeout=30)) in allowed
+        revoke = apb.RevokeX509SVIDsRequest(cut_off=cut_off, **{target: value})
+        assert status_of(lambda: trust.RevokeX509SVIDs(revoke, timeout=30)) in {OK, INVALID, NOT_FOUND, FAILED}
+        listed = apb.ListRevokedX509SVIDsRequest()
+        assert status_of(lambda: trust.ListRevokedX509SVIDs(listed, timeout=30)) == OK
+
+
 def test_oversized_admin_messages(server: RunningServer, admin: agrpc.AdminStub) -> None:
     big = npb.Entry(
         spiffe_id=f"spiffe://{TD}/big",
