@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import jwt
+
+# Re-exported: tests/hardening imports these from here.
+from support.procs import FETCH_SCRIPT as FETCH_SCRIPT
+from support.procs import NOBODY as NOBODY
+from support.procs import SYSTEM_PYTHON as SYSTEM_PYTHON
+from support.procs import VENV_SITE as VENV_SITE
+from support.procs import run_as as run_as
+from support.procs import short_dir
 
 from tessera.agent.attestors import default_attestors
 from tessera.agent.bundles import TrustBundle, parse_bundle_document
@@ -18,16 +22,10 @@ from tessera.agent.cache import CachedJwt, CachedSvid, EntryRecord, WorkloadCach
 from tessera.agent.endpoint.server import WorkloadEndpoint
 from tessera.sdk.testing import TestCA
 
-SYSTEM_PYTHON = "/usr/bin/python3.11"
-VENV_SITE = os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "lib", "python3.11", "site-packages")
-NOBODY = 65534
-
 
 def socket_dir() -> str:
     """A short, world-searchable directory for Unix sockets (paths must stay under 107 bytes)."""
-    d = tempfile.mkdtemp(prefix="tsa-", dir="/tmp")
-    os.chmod(d, 0o755)
-    return d
+    return str(short_dir("tsa-"))
 
 
 def bundle_of(ca: TestCA) -> TrustBundle:
@@ -101,44 +99,3 @@ async def start_endpoint(cache: WorkloadCache, **kwargs: object) -> tuple[Worklo
 async def stop_endpoint(ep: WorkloadEndpoint) -> None:
     await ep.stop(grace=1)
     shutil.rmtree(ep._test_dir, ignore_errors=True)  # type: ignore[attr-defined]
-
-
-def run_as(uid: int, script: str, *args: str, python: str = SYSTEM_PYTHON, timeout: float = 60) -> str:
-    """Runs ``script`` in a child process under ``uid`` (set before exec, so the kernel knows it)."""
-    prelude = f"import sys, site; site.addsitedir({VENV_SITE!r})\n"
-
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-
-    out = subprocess.run(
-        [python, "-S", "-c", prelude + script, *args],
-        preexec_fn=demote if uid != os.getuid() else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd="/tmp",
-        check=False,
-    )
-    if out.returncode != 0:
-        raise AssertionError(f"child failed ({out.returncode}): {out.stderr}")
-    if out.stderr:
-        print(out.stderr, file=sys.stderr)
-    return out.stdout.strip()
-
-
-FETCH_SCRIPT = """
-import grpc
-from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
-from tessera.proto import workload_pb2
-ch = grpc.insecure_channel("unix:" + sys.argv[1])
-stub = WorkloadApiStub(ch)
-try:
-    resp = next(iter(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=20)))
-    print("OK " + ",".join(s.spiffe_id for s in resp.svids))
-except grpc.RpcError as e:
-    print("ERR " + e.code().name)
-    print(e.details(), file=sys.stderr)
-"""
-

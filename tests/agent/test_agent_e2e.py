@@ -9,19 +9,27 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from agent_testlib import FETCH_SCRIPT, NOBODY, SYSTEM_PYTHON, run_as, socket_dir
+from agent_testlib import socket_dir
+from support.procs import (
+    FETCH_SCRIPT,
+    NOBODY,
+    SYSTEM_PYTHON,
+    TesseraAgent,
+    TesseraServer,
+    run_as,
+    tessera,
+    wait_for,
+)
 
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.svid import parse_der_certificates
@@ -29,116 +37,41 @@ from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 TD = "example.org"
 AGENT_ID = f"spiffe://{TD}/host/e2e"
 VENV_PYTHON = os.path.realpath(sys.executable)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-class Daemon:
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        self.name, self.argv, self.log = name, argv, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd="/tmp")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 class Env:
+    """The shared server and agent; the agent is (re)created by start_agent()."""
+
     def __init__(self, root: Path, sockets: str) -> None:
         self.root = root
-        self.port = free_port()
-        self.admin = f"{sockets}/admin/api.sock"
         self.socket = f"{sockets}/public/api.sock"
-        self.server = Daemon(
-            "server",
-            [
-                PY, "-m", "tessera.server", "run", "--trust-domain", TD, "--data-dir", str(root / "server"),
-                "--bind-address", f"127.0.0.1:{self.port}", "--socket", self.admin,
-            ],
-            root / "server.log",
+        self.server = TesseraServer(
+            TD, data_dir=root / "server", admin_socket=f"{sockets}/admin/api.sock", log=root / "server.log"
         )
-        self.agent_args = [
-            PY, "-m", "tessera.agent", "run", "--trust-domain", TD, "--server-address", f"127.0.0.1:{self.port}",
-            "--trust-bundle", str(root / "bundle.pem"), "--data-dir", str(root / "agent"), "--socket", self.socket,
-            "--sync-interval", "1s", "--sync-max-backoff", "2s",
-        ]
-        self.agent: Daemon | None = None
+        self.port = self.server.port
+        self.admin = self.server.admin_socket
+        self.agent: TesseraAgent | None = None
 
     def admin_cmd(self, *args: str) -> str:
-        out = subprocess.run(
-            [PY, "-m", "tessera.server", *args, "--socket", self.admin], capture_output=True, text=True, timeout=60
-        )
-        if out.returncode != 0:
-            raise AssertionError(f"tessera-server {' '.join(args)} failed: {out.stderr}")
-        return out.stdout.strip()
+        return self.server.admin(*args)
 
     def agent_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [PY, "-m", "tessera.agent", *args, "--socket", self.socket], capture_output=True, text=True, timeout=60
-        )
-        if check and out.returncode != 0:
-            raise AssertionError(f"tessera-agent {' '.join(args)} failed: {out.stderr}")
-        return out
+        return tessera("tessera.agent", *args, sock=self.socket, check=check)
 
     def start_server(self) -> None:
         self.server.start()
-
-        def healthy() -> bool:
-            if not self.server.alive():
-                raise AssertionError("server exited:\n" + self.server.output())
-            r = subprocess.run(
-                [PY, "-m", "tessera.server", "healthcheck", "--socket", self.admin], capture_output=True, timeout=30
-            )
-            return r.returncode == 0
-
-        wait_for(healthy, what="server healthy")
+        self.server.wait_healthy()
 
     def start_agent(self, *extra: str) -> None:
-        self.agent = Daemon("agent", [*self.agent_args, *extra], self.root / "agent.log")
+        self.agent = TesseraAgent(
+            TD, servers=self.server.address, trust_bundle=self.root / "bundle.pem", data_dir=self.root / "agent",
+            socket=self.socket, log=self.root / "agent.log", extra=extra,
+        )  # fmt: skip
         self.agent.start()
-
-        def healthy() -> bool:
-            assert self.agent is not None
-            if not self.agent.alive():
-                raise AssertionError("agent exited:\n" + self.agent.output())
-            return self.agent_cmd("healthcheck", check=False).returncode == 0
-
-        wait_for(healthy, what="agent healthy")
+        self.agent.wait_healthy()
 
     def entry(self, path: str, *selectors: str, ttl: str | None = None) -> str:
         args = ["entry", "create", "--spiffe-id", f"spiffe://{TD}{path}", "--parent-id", AGENT_ID]
@@ -155,8 +88,8 @@ def env() -> Iterator[Env]:
     e = Env(root, str(root))
     try:
         e.start_server()
-        (root / "bundle.pem").write_text(e.admin_cmd("bundle", "show") + "\n")
-        token = e.admin_cmd("token", "generate", "--spiffe-id", AGENT_ID).splitlines()[-1].strip()
+        e.server.write_bundle(root / "bundle.pem")
+        token = e.server.join_token(AGENT_ID)
         e.entry("/root", "unix:uid:0")
         e.entry("/nobody", f"unix:uid:{NOBODY}")
         sys_digest = hashlib.sha256(Path(SYSTEM_PYTHON).read_bytes()).hexdigest()

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_testlib import FETCH_SCRIPT, run_as, socket_dir
+from agent_testlib import socket_dir
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from test_agent_e2e import PY, TD, Daemon, Env, free_port, wait_for
+from support.procs import FETCH_SCRIPT, PY, TesseraAgent, free_port, run_as, wait_for
+from test_agent_e2e import TD, Env
 
 from tessera.sdk.testing import TestCA
 
@@ -20,15 +21,11 @@ pytestmark = pytest.mark.slow
 
 
 class NodesEnv(Env):
-    def agent_for(self, name: str, *args: str, addresses: str | None = None) -> Daemon:
-        sock = f"{self.root}/{name}-pub/api.sock"
-        argv = [
-            PY, "-m", "tessera.agent", "run", "--trust-domain", TD,
-            "--server-address", addresses or f"127.0.0.1:{self.port}",
-            "--data-dir", str(self.root / f"{name}-data"), "--socket", sock,
-            "--sync-interval", "1s", "--sync-max-backoff", "2s", *args,
-        ]
-        return Daemon(name, argv, self.root / f"{name}.log")
+    def agent_for(self, name: str, *args: str, addresses: str | None = None) -> TesseraAgent:
+        return TesseraAgent(
+            TD, servers=addresses or self.server.address, data_dir=self.root / f"{name}-data",
+            socket=f"{self.root}/{name}-pub/api.sock", log=self.root / f"{name}.log", extra=args, name=name,
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def nodes() -> Iterator[tuple[NodesEnv, TestCA]]:
     e.server.argv += ["--x509pop-ca-bundle", str(root / "host-ca.pem"), "--agent-ttl", "60s"]
     try:
         e.start_server()
-        (root / "bundle.pem").write_text(e.admin_cmd("bundle", "show") + "\n")
+        e.server.write_bundle(root / "bundle.pem")
         yield e, host_ca
     finally:
         e.server.stop()
