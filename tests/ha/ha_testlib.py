@@ -4,22 +4,16 @@ agents pointed at all of them."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cryptography import x509
+from support.procs import TesseraAgent, TesseraServer
 
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.bundle import X509Bundle
@@ -29,129 +23,48 @@ from tessera.sdk.svid import parse_der_certificates
 from tessera.sdk.verify import verify_x509_svid
 from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
 
-PY = sys.executable
 TD = "example.org"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Server(TesseraServer):
+    """One of several servers under ``root`` (its own data dir, admin socket and log) on a shared datastore."""
 
-
-def short_dir(prefix: str) -> Path:
-    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    os.chmod(d, 0o755)
-    return Path(d)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-
-
-class Daemon:
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        self.name, self.argv, self.log = name, argv, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd="/tmp")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no goodbye to the database (a crashed or partitioned server)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(20)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-class Server(Daemon):
     def __init__(self, name: str, root: Path, datastore: str, *extra: str) -> None:
-        self.port = free_port()
-        self.admin = str(root / name / "admin.sock")
         super().__init__(
-            name,
-            [
-                PY, "-m", "tessera.server", "run", "--trust-domain", TD, "--data-dir", str(root / name / "data"),
-                "--bind-address", f"127.0.0.1:{self.port}", "--socket", self.admin, "--datastore", datastore,
-                *extra,
-            ],
-            root / f"{name}.log",
+            TD, data_dir=root / name / "data", admin_socket=str(root / name / "admin.sock"), log=root / f"{name}.log",
+            extra=("--datastore", datastore, *extra), name=name,
         )  # fmt: skip
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
-    def admin_cmd(self, *args: str) -> str:
-        out = subprocess.run(
-            [PY, "-m", "tessera.server", *args, "--socket", self.admin], capture_output=True, text=True, timeout=60
-        )
-        if out.returncode != 0:
-            raise AssertionError(f"[{self.name}] tessera-server {' '.join(args)} failed: {out.stderr}")
-        return out.stdout.strip()
-
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        def healthy() -> bool:
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited:\n{self.output()}")
-            r = subprocess.run(
-                [PY, "-m", "tessera.server", "healthcheck", "--socket", self.admin], capture_output=True, timeout=30
-            )
-            return r.returncode == 0
-
-        wait_for(healthy, timeout, f"{self.name} healthy")
+def start_servers(*servers: Server) -> None:
+    """Starts them all, then waits for each to be healthy (they start up side by side)."""
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_healthy()
 
 
 def ca_ids(server: Server) -> dict[str, str]:
     """X.509 authority key IDs of a server's CA -> their state (active / prepared / old)."""
-    slots = json.loads(server.admin_cmd("ca", "show", "--output", "json"))
+    slots = json.loads(server.admin("ca", "show", "--output", "json"))
     items = slots["slots"] if isinstance(slots, dict) else slots
     return {s["key_id"]: s["state"] for s in items if s.get("kind", "x509") == "x509"}
 
 
 def bundle_roots(server: Server) -> set[str]:
-    pem = server.admin_cmd("bundle", "show").encode()
+    pem = server.admin("bundle", "show").encode()
     return {
         x509.SubjectKeyIdentifier.from_public_key(c.public_key()).digest.hex()
         for c in x509.load_pem_x509_certificates(pem)
     }
 
 
-def start_agent(root: Path, addresses: list[str], token: str, name: str = "agent") -> tuple[Daemon, str]:
+def start_agent(root: Path, addresses: list[str], token: str, name: str = "agent") -> tuple[TesseraAgent, str]:
     """A tessera-agent (join token, bootstrap bundle root/bundle.pem) with every server address; its socket."""
     sock = str(root / f"{name}-pub" / "api.sock")
-    agent = Daemon(
-        name,
-        [
-            PY, "-m", "tessera.agent", "run", "--trust-domain", TD,
-            "--server-address", ",".join(addresses), "--trust-bundle", str(root / "bundle.pem"),
-            "--join-token", token, "--data-dir", str(root / f"{name}-data"), "--socket", sock,
-            "--sync-interval", "1s", "--sync-max-backoff", "2s",
-        ],
-        root / f"{name}.log",
+    agent = TesseraAgent(
+        TD, servers=",".join(addresses), trust_bundle=root / "bundle.pem", join_token=token,
+        data_dir=root / f"{name}-data", socket=sock, log=root / f"{name}.log", name=name,
     )  # fmt: skip
     agent.start()
     return agent, sock

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 from ha_testlib import (
     TD,
-    Daemon,
     Server,
     WorkloadWatcher,
     bundle_roots,
     ca_ids,
     cleanup,
-    short_dir,
     start_agent,
-    wait_for,
+    start_servers,
 )
+from support.procs import TesseraAgent, short_dir, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,47 +43,44 @@ def test_agent_fails_over_and_workloads_keep_verified_rotations(cluster: tuple[P
     root, url = cluster
     a = Server("a", root, url)
     b = Server("b", root, url)
-    agent: Daemon | None = None
+    agent: TesseraAgent | None = None
     watcher: WorkloadWatcher | None = None
     try:
-        a.start()
-        b.start()
-        a.wait_healthy()
-        b.wait_healthy()
+        start_servers(a, b)
         # Each server keeps its own CA; the one trust bundle holds both, whichever server is asked.
         ca_a, ca_b = ca_ids(a), ca_ids(b)
         assert ca_a and ca_b and not set(ca_a) & set(ca_b)
         wait_for(lambda: set(ca_a) | set(ca_b) <= bundle_roots(a) and bundle_roots(a) == bundle_roots(b), 30,
                  "both servers' CAs in the shared bundle")  # fmt: skip
-        (root / "bundle.pem").write_text(a.admin_cmd("bundle", "show") + "\n")
+        a.write_bundle(root / "bundle.pem")
 
         agent_id = f"spiffe://{TD}/host/ha"
-        token = a.admin_cmd("token", "generate", "--spiffe-id", agent_id).splitlines()[-1].strip()
-        a.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-a", "--parent-id", agent_id,
-                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        token = a.join_token(agent_id)
+        a.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-a", "--parent-id", agent_id,
+                "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
         agent, sock = start_agent(root, [a.address, b.address], token)
         watcher = WorkloadWatcher(sock)
         watcher.start()
         wait_for(lambda: {o.spiffe_id for o in watcher.observations} >= {f"spiffe://{TD}/wl-a"}, 60, "first SVID")
 
         # An entry created through B (the agent talks to A) is served within a sync interval or two.
-        b.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-b", "--parent-id", agent_id,
-                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        b.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-b", "--parent-id", agent_id,
+                "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
         wait_for(lambda: any(o.spiffe_id == f"spiffe://{TD}/wl-b" for o in watcher.observations), 30,
                  "entry created through server B served")  # fmt: skip
 
         # Server A dies without a word; the agent must carry on through B.
         a.kill()
         killed_at = time.time()
-        b.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-c", "--parent-id", agent_id,
-                    "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
+        b.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}/wl-c", "--parent-id", agent_id,
+                "--selector", "unix:uid:0", "--x509-svid-ttl", SVID_TTL)  # fmt: skip
         wait_for(lambda: any(o.spiffe_id == f"spiffe://{TD}/wl-c" for o in watcher.observations), 40,
                  "entry served after failover to B")  # fmt: skip
 
         # B rotates its CA (prepare publishes the new CA first; activate a sync interval later).
-        b.admin_cmd("ca", "prepare")
+        b.admin("ca", "prepare")
         time.sleep(3)  # let the agent sync the bundle with the prepared CA (the ordering under test)
-        b.admin_cmd("ca", "activate")
+        b.admin("ca", "activate")
         new_active = {k for k, state in ca_ids(b).items() if state == "active"}
         assert new_active and not new_active & set(ca_b)
 

@@ -12,16 +12,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from ha_testlib import (
     TD,
-    Daemon,
     Server,
     WorkloadWatcher,
     bundle_roots,
     ca_ids,
     cleanup,
-    short_dir,
     start_agent,
-    wait_for,
+    start_servers,
 )
+from support.procs import TesseraAgent, short_dir, wait_for
 
 from tessera.sdk.keys import private_key_to_pem
 from tessera.sdk.testing import TestCA
@@ -50,22 +49,19 @@ def test_servers_under_one_upstream_share_its_root_and_serve_each_others_agents(
              str(root / "upstream.key"))  # fmt: skip
     a, b = Server("a", root, url, *flags), Server("b", root, url, *flags)
     upstream_id = x509.SubjectKeyIdentifier.from_public_key(upstream.certificate.public_key()).digest.hex()
-    agent: Daemon | None = None
+    agent: TesseraAgent | None = None
     watcher: WorkloadWatcher | None = None
     try:
-        a.start()
-        b.start()
-        a.wait_healthy()
-        b.wait_healthy()
+        start_servers(a, b)
         intermediates = {"a": set(ca_ids(a)), "b": set(ca_ids(b))}
         assert intermediates["a"] and intermediates["b"] and not intermediates["a"] & intermediates["b"]
         assert bundle_roots(a) == bundle_roots(b) == {upstream_id}  # one root, whichever server is asked
-        (root / "bundle.pem").write_text(a.admin_cmd("bundle", "show") + "\n")
+        a.write_bundle(root / "bundle.pem")
 
         agent_id = f"spiffe://{TD}/host/up"
-        token = a.admin_cmd("token", "generate", "--spiffe-id", agent_id).splitlines()[-1].strip()
-        a.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/up-a", "--parent-id", agent_id,
-                    "--selector", "unix:uid:0")  # fmt: skip
+        token = a.join_token(agent_id)
+        a.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}/up-a", "--parent-id", agent_id,
+                "--selector", "unix:uid:0")  # fmt: skip
         agent, sock = start_agent(root, [a.address, b.address], token)
         watcher = WorkloadWatcher(sock)
         watcher.start()
@@ -73,8 +69,8 @@ def test_servers_under_one_upstream_share_its_root_and_serve_each_others_agents(
         assert first[0].issuer_ski in intermediates["a"]
 
         a.kill()
-        b.admin_cmd("entry", "create", "--spiffe-id", f"spiffe://{TD}/up-b", "--parent-id", agent_id,
-                    "--selector", "unix:uid:0")  # fmt: skip
+        b.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}/up-b", "--parent-id", agent_id,
+                "--selector", "unix:uid:0")  # fmt: skip
         served = wait_for(lambda: [o for o in watcher.observations if o.spiffe_id.endswith("/up-b")], 40,
                           "entry served through B after A was killed")  # fmt: skip
         assert served[0].issuer_ski in intermediates["b"]  # signed by B's intermediate, verified by the one root
