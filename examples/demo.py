@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,7 @@ class Demo:
         env["PYTHONUNBUFFERED"] = "1"
         self.procs = Processes(self.logs, env)
         self.port = free_port()
+        self.metrics_port = free_port()
         self.admin_socket = str(self.dir / "admin" / "api.sock")
         self.agent_socket = str(self.dir / "public" / "api.sock")
         self.python = sys.executable
@@ -505,6 +507,7 @@ class Demo:
             self.python, "-m", "tessera.agent", "run", "--config", str(agent_config), "--trust-domain", TRUST_DOMAIN,
             "--server-address", f"127.0.0.1:{self.port}", "--trust-bundle", str(self.dir / "bundle.pem"),
             "--data-dir", str(self.dir / "agent"), "--socket", self.agent_socket, "--sync-interval", "2s",
+            "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}",
         ]
         out.detail("$ " + self.shown(["tessera-agent", *agent_argv[3:]]))
         out.detail("  ($DEMO/agent.toml, mode 0600, holds the token: join_token = \"...\")")
@@ -551,6 +554,7 @@ class Demo:
         # 6. calls and rotation
         out.step(6, self.STEPS, "Calls go on while the agent rotates both certificates (at about half their life).")
         stats = self.watch_calls(backend, frontend, ident, ident_f)
+        self.show_expiry_gauge("after the rotation")
 
         # 7. stop
         out.step(7, self.STEPS, "Stopping everything.")
@@ -586,6 +590,25 @@ class Demo:
             raise DemoError("the backend answered a caller that presented no certificate")
         self.out.detail("[demo] a caller without a certificate tried HTTPS: the backend closed the connection")
 
+    def show_expiry_gauge(self, when: str) -> None:
+        """What an operator's monitoring sees: the agent's Prometheus gauge of the soonest SVID expiry, which
+        falls as certificates age and jumps back up when the agent rotates them."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        name = "tessera_agent_svid_soonest_expiry_seconds"
+        self.out.detail(f"$ curl -s {url} | grep ^{name}")
+        text = ""
+        if shutil.which("curl"):
+            done = subprocess.run(["curl", "-s", "--max-time", "10", url], capture_output=True, text=True, check=False)
+            text = done.stdout
+        else:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        line = next((ln for ln in text.splitlines() if ln.startswith(name)), None)
+        if line is None:
+            raise DemoError(f"the agent's metrics endpoint {url} did not report {name}")
+        seconds = float(line.split()[-1])
+        self.out.detail(f"  {line}   ({when}: the soonest SVID expires in {seconds:.0f}s)")
+
     def say_identity(self, name: str, event: dict[str, Any]) -> None:
         who = f"uid {event['uid']}" + (f", gid {event['gid']}" if self.plan_mode == "gids" else "")
         self.out.detail(f"[{name}] {event['text']} ({who}); certificate serial {short(event['serial'])}, "
@@ -616,6 +639,7 @@ class Demo:
             for name, e in (("backend", ident_b), ("frontend", ident_f))
         }
         show_next = {"gRPC", "HTTPS"}  # print the next call of these in full
+        gauge_shown = False
         after_rotation: dict[str, int] = {"gRPC": 0, "HTTPS": 0}
         started = time.monotonic()
         deadline = started + args.timeout
@@ -670,6 +694,9 @@ class Demo:
                 what = "a few more calls with the new certificates"
                 if waiting:
                     due = (min(halfway[n] for n in waiting) - dt.datetime.now(dt.UTC)).total_seconds()
+                    if due <= 4 and not gauge_shown:
+                        gauge_shown = True
+                        self.show_expiry_gauge("just before the rotation")
                     eta = f"expected in about {due:.0f}s" if due >= 1 else "any moment now"
                     what = f"waiting for the {' and '.join(waiting)} certificate{plural} to rotate ({eta})"
                 out.progress(f"{time.monotonic() - started:.0f}s: {stats['ok']} calls OK, {stats['failed']} failed; "

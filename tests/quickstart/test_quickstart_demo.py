@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from quickstart_support import PY, ROOT, processes_mentioning, wait_for
+from quickstart_support import PY, ROOT, processes_mentioning
+from support.procs import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -169,6 +170,11 @@ def assert_a_full_story(run: Run) -> None:
     done = re.search(r"Done: (\d+) mutual-TLS calls \(gRPC and HTTPS\), 0 failed, (\d+) certificate rotations", text)
     assert done and int(done.group(1)) >= 10 and int(done.group(2)) >= 2, text
     assert text.rstrip().endswith("All processes stopped."), text
+    # The agent's Prometheus gauge, read with curl, falls as the SVIDs age and jumps back after the rotation.
+    found = re.findall(r"tessera_agent_svid_soonest_expiry_seconds (\S+)\s+\((just before|after) the rotation", text)
+    gauges = {when: value for value, when in found}
+    assert gauges.keys() == {"just before", "after"}, text
+    assert float(gauges["after"]) > float(gauges["just before"]), text
 
 
 def test_ctrl_c_stops_every_process_and_cleans_up(runs: dict[str, Run]) -> None:
