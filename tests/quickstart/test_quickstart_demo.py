@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from quickstart_support import PY, ROOT, processes_mentioning
-from support.procs import wait_for
+from quickstart_support import ROOT, processes_mentioning
+from support.procs import PY, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

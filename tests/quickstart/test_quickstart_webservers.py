@@ -25,17 +25,8 @@ from typing import Any
 import psutil
 import pytest
 from cryptography import x509
-from quickstart_support import (
-    PY,
-    ROOT,
-    Daemon,
-    TesseraEnv,
-    free_port,
-    processes_mentioning,
-    require_binaries,
-    short_tempdir,
-    wait_for,
-)
+from quickstart_support import ROOT, TesseraEnv, processes_mentioning, require_binaries
+from support.procs import PY, Daemon, free_port, short_dir, wait_for
 
 from tessera.sdk.http import SpiffeHTTPServer, peer_spiffe_id
 from tessera.sdk.source import X509Source
@@ -218,8 +209,8 @@ def start_helper(web_root: Path, env: TesseraEnv, site: Site, config: str) -> No
     site.helper = env.add(Daemon(
         f"helper-{site.name}",
         [*base, "--cmd", site.reload[0], "--cmd-args", " ".join(site.reload[1:])],
-        web_root / f"helper-{site.name}.log", cwd="/tmp",
-    ))
+        web_root / f"helper-{site.name}.log", own_group=True,
+    )).start()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +220,7 @@ def web() -> Iterator[Web]:
     bins = require_binaries("nginx", "apache2", "openssl", "curl")
     if not os.path.isfile(f"{APACHE_MODULES}/mod_ssl.so"):
         pytest.skip(f"apache2 is installed but not Debian's layout (no {APACHE_MODULES}/mod_ssl.so)")
-    root = short_tempdir("tqw-")
+    root = short_dir("tqw-")
     env = TesseraEnv(root, TD)
     closers: list[Any] = []
     sites: list[Site] = []
