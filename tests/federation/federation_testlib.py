@@ -8,74 +8,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from support.procs import TesseraAgent, TesseraServer, free_port, wait_for
 
 from tessera.sdk.source import X509Source, pick_by_id
 from tessera.sdk.tls import authorize_any, client_context, peer_spiffe_id, server_context
 
-PY = sys.executable
 SYNC_INTERVAL = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def issuer_key_id(cert: x509.Certificate) -> str:
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
     return aki.hex() if aki else ""
-
-
-class Daemon:
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv, self.log = argv, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd="/tmp")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 class Domain:
@@ -85,29 +39,18 @@ class Domain:
         self.td = trust_domain
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         self.federation_port = free_port()
-        self.admin_socket = str(root / "admin" / "api.sock")
         self.socket = str(root / "public" / "api.sock")
         self.agent_id = f"spiffe://{trust_domain}/host/agent"
-        self.server = Daemon(
-            [
-                PY, "-m", "tessera.server", "run", "--trust-domain", trust_domain,
-                "--data-dir", str(root / "server"), "--bind-address", f"127.0.0.1:{self.port}",
-                "--socket", self.admin_socket, "--federation-bind-address", f"127.0.0.1:{self.federation_port}",
-                "--federation-profile", "https_spiffe", "--federation-refresh-hint", "2s",
-            ],
-            root / "server.log",
+        self.server = TesseraServer(
+            trust_domain, data_dir=root / "server", admin_socket=str(root / "admin" / "api.sock"),
+            log=root / "server.log", name=f"{trust_domain} server",
+            extra=("--federation-bind-address", f"127.0.0.1:{self.federation_port}",
+                   "--federation-profile", "https_spiffe", "--federation-refresh-hint", "2s"),
         )  # fmt: skip
-        self.agent = Daemon(
-            [
-                PY, "-m", "tessera.agent", "run", "--trust-domain", trust_domain,
-                "--server-address", f"127.0.0.1:{self.port}", "--trust-bundle", str(root / "bundle.pem"),
-                "--data-dir", str(root / "agent"), "--socket", self.socket,
-                "--sync-interval", f"{SYNC_INTERVAL}s", "--sync-max-backoff", "2s",
-            ],
-            root / "agent.log",
-        )  # fmt: skip
+        self.port = self.server.port
+        self.admin_socket = self.server.admin_socket
+        self.agent: TesseraAgent | None = None
 
     @property
     def address(self) -> str:
@@ -122,52 +65,26 @@ class Domain:
         return f"spiffe://{self.td}/tessera/server"
 
     def admin_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [PY, "-m", "tessera.server", *args, "--socket", self.admin_socket],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if check and out.returncode != 0:
-            raise AssertionError(
-                f"tessera-server {' '.join(args)} failed: {out.stderr}\n{self.server.output()[-3000:]}"
-            )
-        return out
+        return self.server.admin_cmd(*args, check=check)
 
     def admin(self, *args: str) -> str:
-        return self.admin_cmd(*args).stdout.strip()
+        return self.server.admin(*args)
 
     def start(self) -> None:
         self.server.start()
-
-        def server_healthy() -> bool:
-            if not self.server.alive():
-                raise AssertionError(f"{self.td} server exited:\n" + self.server.output())
-            r = subprocess.run(
-                [PY, "-m", "tessera.server", "healthcheck", "--socket", self.admin_socket],
-                capture_output=True,
-                timeout=30,
-            )
-            return r.returncode == 0
-
-        wait_for(server_healthy, what=f"{self.td} server healthy")
-        (self.root / "bundle.pem").write_text(self.admin("bundle", "show") + "\n")
-        token = self.admin("token", "generate", "--spiffe-id", self.agent_id).splitlines()[-1].strip()
-        self.agent.argv += ["--join-token", token]
+        self.server.wait_healthy()
+        self.server.write_bundle(self.root / "bundle.pem")
+        self.agent = TesseraAgent(
+            self.td, servers=self.server.address, trust_bundle=self.root / "bundle.pem",
+            join_token=self.server.join_token(self.agent_id), data_dir=self.root / "agent", socket=self.socket,
+            log=self.root / "agent.log", sync_interval=f"{SYNC_INTERVAL}s", name=f"{self.td} agent",
+        )  # fmt: skip
         self.agent.start()
-
-        def agent_healthy() -> bool:
-            if not self.agent.alive():
-                raise AssertionError(f"{self.td} agent exited:\n" + self.agent.output())
-            r = subprocess.run(
-                [PY, "-m", "tessera.agent", "healthcheck", "--socket", self.socket], capture_output=True, timeout=30
-            )
-            return r.returncode == 0
-
-        wait_for(agent_healthy, what=f"{self.td} agent healthy")
+        self.agent.wait_healthy()
 
     def stop(self) -> None:
-        self.agent.stop()
+        if self.agent is not None:
+            self.agent.stop()
         self.server.stop()
 
     def entry(self, path: str, *, federates_with: tuple[str, ...] = (), selector: str = "unix:uid:0") -> str:

@@ -19,19 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from federation_testlib import (
-    PY,
-    SYNC_INTERVAL,
-    Daemon,
-    Domain,
-    call,
-    client,
-    domains,
-    free_port,
-    issuer_key_id,
-    serve,
-    wait_for,
-)
+from federation_testlib import SYNC_INTERVAL, Domain, call, client, domains, issuer_key_id, serve
+from support.procs import PY, Daemon, free_port, wait_for
 
 from tessera.sdk.bundle import BundleSet
 from tessera.sdk.errors import TesseraError
@@ -366,7 +355,7 @@ def test_nginx_with_the_helpers_crl_file_refuses_a_revoked_svid(env: tuple[Domai
     started = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
     daemon = Daemon(
-        [*helper, "--pid-file-name", str(work / "nginx.pid"), "--renew-signal", "SIGHUP"], work / "helper.log"
+        "helper", [*helper, "--pid-file-name", str(work / "nginx.pid"), "--renew-signal", "SIGHUP"], work / "helper.log"
     )
     daemon.start()
     cli = b.source("/client")

@@ -7,7 +7,6 @@ import asyncio
 import http.client
 import json
 import shutil
-import socket
 import ssl
 import tempfile
 import threading
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.procs import free_port
 
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc
@@ -32,12 +32,6 @@ from tessera.server.app import ServerApp
 from tessera.server.config import SETTINGS, build_config
 
 TD = "a.test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_cert(svid: X509Svid, directory: Path) -> None:
