@@ -14,4 +14,7 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy -p tessera
 echo "== pytest"
-exec .venv/bin/python -m pytest "$@"
+# Most end-to-end tests wait on real rotations rather than burn CPU, so three workers finish the suite in
+# about half the time even on two cores; a test file stays on one worker (its module fixtures are shared).
+# TESSERA_TEST_WORKERS=0 runs everything in one process.
+exec .venv/bin/python -m pytest -n "${TESSERA_TEST_WORKERS:-3}" --dist loadfile "$@"
