@@ -7,13 +7,13 @@ import contextlib
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from support import procs
 
 from tessera.proto import workload_pb2 as pb
 from tessera.sdk.bundle import JwtBundle, X509Bundle
@@ -22,14 +22,8 @@ from tessera.sdk.workloadapi.wire import SECURITY_HEADER_KEY, generic_handler
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    """The shared wait, polling faster: everything here is in-process and quick."""
+    return procs.wait_for(predicate, timeout, what, interval=0.02)
 
 
 @dataclass

@@ -5,24 +5,20 @@ across real rotations with zero failed requests; tessera-helper writes files ope
 from __future__ import annotations
 
 import http.server
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import requests
 from cryptography import x509
+from support.procs import PY, TesseraAgent, TesseraServer, short_dir, wait_for
 
 from tessera.sdk.grpc import SpiffeChannel, SpiffeServerInterceptor, current_peer_id, server_credentials
 from tessera.sdk.http import SpiffeHTTPServer, requests_adapter
@@ -32,85 +28,44 @@ from tessera.sdk.workloadapi import BackoffPolicy, WorkloadApiClient
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 TD = "example.org"
 AGENT_ID = f"spiffe://{TD}/host/sdk-e2e"
 API = f"spiffe://{TD}/api"
 CLIENT = f"spiffe://{TD}/client"
 DNS = "api.example.internal"
 TTL = "60s"  # the server's minimum; the agent rotates at about half of it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def run(*argv: str) -> str:
-    out = subprocess.run([PY, "-m", *argv], capture_output=True, text=True, timeout=60, cwd="/tmp")
-    if out.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed: {out.stderr}")
-    return out.stdout.strip()
+WAIT = 90.0  # seconds: a rotation takes about half of TTL
 
 
 class Stack:
+    """A server and an agent serving two entries (API and CLIENT, both uid 0) of short-lived SVIDs."""
+
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="trt-e2e-", dir="/tmp"))
-        os.chmod(self.root, 0o755)
-        self.port = free_port()
-        self.admin = str(self.root / "admin.sock")
+        self.root = short_dir("trt-e2e-")
         self.socket = str(self.root / "api.sock")
         self.address = "unix://" + self.socket
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        with open(self.root / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([PY, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
+        self.server = TesseraServer(
+            TD, data_dir=self.root / "server", admin_socket=str(self.root / "admin.sock"), log=self.root / "server.log"
+        )
+        self.agent: TesseraAgent | None = None
 
     def start(self) -> None:
-        server = self.spawn(
-            "server", "tessera.server", "run", "--trust-domain", TD, "--data-dir", str(self.root / "server"),
-            "--bind-address", f"127.0.0.1:{self.port}", "--socket", self.admin,
-        )
-
-        def server_healthy() -> bool:
-            if server.poll() is not None:
-                raise AssertionError("server exited:\n" + self.log("server"))
-            return subprocess.run([PY, "-m", "tessera.server", "healthcheck", "--socket", self.admin],
-                                  capture_output=True, timeout=30, cwd="/tmp").returncode == 0
-
-        wait_for(server_healthy, what="server healthy")
-        (self.root / "bundle.pem").write_text(run("tessera.server", "bundle", "show", "--socket", self.admin) + "\n")
-        token = run("tessera.server", "token", "generate", "--spiffe-id", AGENT_ID, "--socket", self.admin)
+        self.server.start()
+        self.server.wait_healthy(WAIT)
+        self.server.write_bundle(self.root / "bundle.pem")
+        token = self.server.join_token(AGENT_ID)
         for path, extra in (("/api", ["--dns-name", DNS]), ("/client", [])):
-            run("tessera.server", "entry", "create", "--spiffe-id", f"spiffe://{TD}{path}", "--parent-id", AGENT_ID,
-                "--selector", "unix:uid:0", "--x509-svid-ttl", TTL, *extra, "--socket", self.admin)
-        agent = self.spawn(
-            "agent", "tessera.agent", "run", "--trust-domain", TD, "--server-address", f"127.0.0.1:{self.port}",
-            "--trust-bundle", str(self.root / "bundle.pem"), "--data-dir", str(self.root / "agent"),
-            "--socket", self.socket, "--join-token", token.splitlines()[-1].strip(),
-            "--sync-interval", "1s", "--sync-max-backoff", "2s",
-        )
+            self.server.admin("entry", "create", "--spiffe-id", f"spiffe://{TD}{path}", "--parent-id", AGENT_ID,
+                              "--selector", "unix:uid:0", "--x509-svid-ttl", TTL, *extra)  # fmt: skip
+        agent = self.agent = TesseraAgent(
+            TD, servers=self.server.address, trust_bundle=self.root / "bundle.pem", data_dir=self.root / "agent",
+            socket=self.socket, join_token=token, log=self.root / "agent.log",
+        )  # fmt: skip
+        agent.start()
 
         def both_ids() -> bool:
-            if agent.poll() is not None:
-                raise AssertionError("agent exited:\n" + self.log("agent"))
+            if not agent.alive():
+                raise AssertionError("agent exited:\n" + agent.output())
             try:
                 with WorkloadApiClient(self.address, timeout=5) as client:
                     ids = {str(s.spiffe_id) for s in client.fetch_x509_svids()}
@@ -118,17 +73,12 @@ class Stack:
                 return False
             return ids >= {API, CLIENT}
 
-        wait_for(both_ids, what="agent serving both SVIDs")
+        wait_for(both_ids, WAIT, "agent serving both SVIDs")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if self.agent is not None:
+            self.agent.stop()
+        self.server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -231,13 +181,13 @@ def test_https_and_grpc_across_real_rotations(stack: Stack) -> None:
                 seen_client.add(client_src.svid.leaf.serial_number)
                 return len(seen_server) >= n and len(seen_client) >= n
 
-            wait_for(rotated, what=f"rotation {n - 1}")
+            wait_for(rotated, WAIT, f"rotation {n - 1}")
             h, g = counts["https"], counts["grpc"]
 
             def more_traffic(h: int = h, g: int = g) -> bool:
                 return counts["https"] > h + 3 and counts["grpc"] > g + 3
 
-            wait_for(more_traffic, what="traffic after rotation")
+            wait_for(more_traffic, WAIT, "traffic after rotation")
         # New connections present the newest server SVID.
         with socket.create_connection(("127.0.0.1", https.server_address[1])) as raw:
             tls = client_context(client_src, authorize_id(API)).wrap_socket(raw)
