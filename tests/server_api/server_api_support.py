@@ -10,11 +10,13 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -50,6 +52,29 @@ def make_config(data_dir: Path, socket_path: Path, **overrides: Any) -> ServerCo
     }
     values.update({k: v for k, v in overrides.items()})
     return build_config(load_settings("server", SETTINGS, None, values))
+
+
+@contextmanager
+def running_server(data_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
+    """A RunningServer (make_config(data_dir, ...)) with its admin socket in a fresh short directory; stopped and
+    cleaned up on exit."""
+    sock_dir = free_socket_dir()
+    try:
+        server = RunningServer(make_config(data_dir, sock_dir / "api.sock", **overrides))
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        cleanup(sock_dir)
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    """The status code ``call()`` fails with (it must fail with a gRPC error)."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    code: grpc.StatusCode = info.value.code()
+    return code
 
 
 class RunningServer:

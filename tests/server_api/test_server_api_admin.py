@@ -17,9 +17,11 @@ from server_api_support import (
     HostPki,
     RunningServer,
     cleanup,
+    code_of,
     free_socket_dir,
     make_config,
     pem_certs,
+    running_server,
 )
 
 from tessera.proto import admin_pb2 as apb
@@ -30,20 +32,8 @@ from tessera.sdk.testing import TestCA
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    data = tmp_path_factory.mktemp("admin-api")
-    sock_dir = free_socket_dir()
-    srv = RunningServer(make_config(data / "server", sock_dir / "api.sock"))
-    try:
+    with running_server(tmp_path_factory.mktemp("admin-api") / "server") as srv:
         yield srv
-    finally:
-        srv.stop()
-        cleanup(sock_dir)
-
-
-def code_of(call: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
-    return info.value.code()
 
 
 def entry(spiffe_id: str, parent_id: str, *selectors: str, **kw: object) -> npb.Entry:

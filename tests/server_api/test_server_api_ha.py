@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from server_api_support import TD, Agent, RunningServer, cleanup, free_socket_dir, make_config
+from support.procs import wait_for
 
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import node_pb2 as npb
@@ -17,15 +16,6 @@ from tessera.sdk.bundle import SpiffeBundle, X509Bundle
 from tessera.sdk.keys import generate_key
 from tessera.sdk.verify import verify_x509_svid
 from tessera.server.api.publisher import _jwt_id, _x509_id, merge
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def active_ca(server: RunningServer) -> str:
@@ -50,7 +40,7 @@ def test_two_servers_share_one_bundle_and_serve_each_others_agents(tmp_path: Pat
         ca_a, ca_b = active_ca(a), active_ca(b)
         assert ca_a != ca_b
         for server in (a, b):
-            eventually(lambda s=server: bundle_key_ids(s) >= {ca_a, ca_b}, "both CAs in the bundle")
+            wait_for(lambda s=server: bundle_key_ids(s) >= {ca_a, ca_b}, 30, "both CAs in the bundle")
 
         agent = Agent(a)
         with a.admin() as admin:
@@ -68,7 +58,7 @@ def test_two_servers_share_one_bundle_and_serve_each_others_agents(tmp_path: Pat
                 agent.reset_channel()
                 return False
 
-        eventually(synced_at_b, "server B to accept an agent attested at A")
+        wait_for(synced_at_b, 30, "server B to accept an agent attested at A")
         verify_x509_svid(agent.chain, X509Bundle.parse_pem(TD, b.bundle_pem()))
 
         # A rotates: its new CA joins the bundle, B's stays.
@@ -76,7 +66,7 @@ def test_two_servers_share_one_bundle_and_serve_each_others_agents(tmp_path: Pat
             admin.stub.PrepareCA(apb.PrepareCARequest())
             admin.stub.ActivateCA(apb.ActivateCARequest())
         new_a = active_ca(a)
-        eventually(lambda: bundle_key_ids(b) >= {ca_a, new_a, ca_b}, "A's rotation to reach B")
+        wait_for(lambda: bundle_key_ids(b) >= {ca_a, new_a, ca_b}, 30, "A's rotation to reach B")
     finally:
         a.stop()
         b.stop()

@@ -21,12 +21,14 @@ from server_api_support import (
     HostPki,
     RunningServer,
     cleanup,
+    code_of,
     csr_der,
     ec_key,
     free_socket_dir,
     make_config,
     pem_certs,
     pem_key,
+    running_server,
     sign_challenge,
     trust_bundle,
 )
@@ -49,20 +51,9 @@ def pki() -> HostPki:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pki: HostPki) -> Iterator[RunningServer]:
     data = tmp_path_factory.mktemp("node-api")
-    sock_dir = free_socket_dir()
     ca_file = pki.write_root(data / "x509pop-roots.pem")
-    srv = RunningServer(make_config(data / "server", sock_dir / "api.sock", x509pop_ca_bundle=[str(ca_file)]))
-    try:
+    with running_server(data / "server", x509pop_ca_bundle=[str(ca_file)]) as srv:
         yield srv
-    finally:
-        srv.stop()
-        cleanup(sock_dir)
-
-
-def code_of(call: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
-    return info.value.code()
 
 
 def joined(server: RunningServer) -> Agent:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_api_support import TD, Agent, RunningServer, cleanup, csr_der, ec_key, free_socket_dir, make_config
+from server_api_support import TD, Agent, RunningServer, csr_der, ec_key, running_server
 
 from tessera.proto import node_pb2 as npb
 from tessera.server.api import node as node_module
@@ -19,13 +19,8 @@ from tessera.server.api import node as node_module
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
-    sock_dir = free_socket_dir()
-    srv = RunningServer(make_config(tmp_path / "server", sock_dir / "api.sock"))
-    try:
+    with running_server(tmp_path / "server") as srv:
         yield srv
-    finally:
-        srv.stop()
-        cleanup(sock_dir)
 
 
 def test_concurrent_batches_are_signed_a_bounded_number_at_a_time(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,9 @@ from server_api_support import (
     ec_key,
     free_socket_dir,
     make_config,
+    running_server,
 )
+from support.procs import wait_for
 
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc
@@ -31,24 +32,10 @@ from tessera.sdk.bundle import SpiffeBundle, X509Bundle
 from tessera.sdk.svid import parse_der_certificates, spiffe_id_from_certificate
 
 
-def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
-    sock = free_socket_dir()
-    srv = RunningServer(make_config(tmp_path / "server", sock / "api.sock", federation_bind_address="127.0.0.1:0"))
-    try:
+    with running_server(tmp_path / "server", federation_bind_address="127.0.0.1:0") as srv:
         yield srv
-    finally:
-        srv.stop()
-        cleanup(sock)
 
 
 def trust_admin(server: RunningServer) -> tuple[object, agrpc.TrustAdminStub]:
@@ -127,7 +114,7 @@ def test_taint_and_revoke_a_ca(server: RunningServer) -> None:
         agent.key, agent.chain = key, parse_der_certificates(renewed.svid.cert_chain)
         agent.reset_channel()
         trust.RevokeAuthority(apb.AuthorityRequest(kind="x509", key_id=old))
-    eventually(
+    wait_for(
         lambda: (
             old
             not in {
@@ -135,6 +122,7 @@ def test_taint_and_revoke_a_ca(server: RunningServer) -> None:
                 for c in X509Bundle.parse_pem(TD, server.bundle_pem()).authorities
             }
         ),
+        30,
         "the revoked CA to leave the bundle",
     )
     assert agent.stub().Sync(npb.SyncRequest()).renew_agent_svid is False
