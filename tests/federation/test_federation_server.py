@@ -3,13 +3,11 @@ are served, and a renewed certificate file is picked up without a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import shutil
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,17 +17,15 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.inproc import RunningServer, server_config
 from support.procs import free_port
 
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.sdk.bundle import SpiffeBundle
-from tessera.sdk.config import load_settings
 from tessera.sdk.crl import RevocationChecker
 from tessera.sdk.svid import X509Svid
 from tessera.sdk.testing import TestCA
-from tessera.server.app import ServerApp
-from tessera.server.config import SETTINGS, build_config
 
 TD = "a.test"
 
@@ -39,43 +35,29 @@ def write_cert(svid: X509Svid, directory: Path) -> None:
     (directory / "web.pem").write_bytes(svid.chain_pem())
 
 
-class Running:
+class Running(RunningServer):
     def __init__(self, root: Path, web: Path) -> None:
         self.fed_port = free_port()
-        values = {
-            "trust_domain": TD,
-            "data_dir": str(root / "data"),
-            "bind_address": "127.0.0.1:0",
-            "socket": str(root / "admin" / "api.sock"),
-            "federation_bind_address": f"127.0.0.1:{self.fed_port}",
-            "federation_profile": "https_web",
-            "federation_cert": str(web / "web.pem"),
-            "federation_key": str(web / "web.key"),
-        }
-        self.config = build_config(load_settings("server", SETTINGS, None, values))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.app = ServerApp(self.config)
-        self._run(self.app.start())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+        super().__init__(
+            server_config(
+                trust_domain=TD,
+                data_dir=str(root / "data"),
+                bind_address="127.0.0.1:0",
+                socket=str(root / "admin" / "api.sock"),
+                federation_bind_address=f"127.0.0.1:{self.fed_port}",
+                federation_profile="https_web",
+                federation_cert=str(web / "web.pem"),
+                federation_key=str(web / "web.key"),
+            )
+        )
 
     def trust_admin(self, method: str, request: Any) -> Any:
         with grpc.insecure_channel(f"unix:{self.config.socket_path}") as channel:
             return getattr(agrpc.TrustAdminStub(channel), method)(request, timeout=30)  # type: ignore[no-untyped-call]
 
-    def admin(self, method: str, request: Any) -> Any:
+    def admin_rpc(self, method: str, request: Any) -> Any:
         with grpc.insecure_channel(f"unix:{self.config.socket_path}") as channel:
             return getattr(agrpc.AdminStub(channel), method)(request, timeout=30)  # type: ignore[no-untyped-call]
-
-    def stop(self) -> None:
-        try:
-            self._run(self.app.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
 
 
 @pytest.fixture
@@ -127,7 +109,7 @@ def test_https_web_endpoint_serves_the_bundle_crls_and_reloads_its_certificate(
     assert crls.count(b"-----BEGIN X509 CRL-----") == len(bundle.x509_authorities)
 
     # A forced rotation shows in the document at once, with a higher sequence.
-    server.admin("PrepareCA", apb.PrepareCARequest())
+    server.admin_rpc("PrepareCA", apb.PrepareCARequest())
     after = SpiffeBundle.from_document(TD, get(port, "/", web_ca)[0])
     assert len(after.x509_authorities) == 2 and after.sequence > bundle.sequence
 

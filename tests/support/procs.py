@@ -133,8 +133,32 @@ def tessera(
     return out
 
 
-class TesseraServer(Daemon):
+class _TesseraDaemon(Daemon):
+    """A tessera daemon whose commands (``python -m <module> ... --socket <command_socket>``) include
+    ``healthcheck``."""
+
+    module = ""
+    command_socket = ""
+
+    def command(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            return tessera(self.module, *args, sock=self.command_socket, check=check)
+        except AssertionError as exc:
+            raise AssertionError(f"[{self.name}] {exc}\n{self.output()[-3000:]}") from None
+
+    def healthy(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"{self.name} exited:\n{self.output()}")
+        return self.command("healthcheck", check=False).returncode == 0
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        wait_for(self.healthy, timeout, f"{self.name} healthy")
+
+
+class TesseraServer(_TesseraDaemon):
     """``tessera-server run`` as a process on a free port, with its admin commands."""
+
+    module = "tessera.server"
 
     def __init__(
         self,
@@ -150,7 +174,7 @@ class TesseraServer(Daemon):
     ) -> None:
         self.trust_domain = trust_domain
         self.port = port or free_port()
-        self.admin_socket = admin_socket
+        self.admin_socket = self.command_socket = admin_socket
         self.data_dir = data_dir
         argv = [
             PY, "-m", "tessera.server", "run", "--trust-domain", trust_domain, "--data-dir", str(data_dir),
@@ -163,22 +187,11 @@ class TesseraServer(Daemon):
         return f"127.0.0.1:{self.port}"
 
     def admin_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            return tessera("tessera.server", *args, sock=self.admin_socket, check=check)
-        except AssertionError as exc:
-            raise AssertionError(f"[{self.name}] {exc}\n{self.output()[-3000:]}") from None
+        return self.command(*args, check=check)
 
     def admin(self, *args: str) -> str:
         """An admin command that must succeed; its stdout, stripped."""
-        return self.admin_cmd(*args).stdout.strip()
-
-    def healthy(self) -> bool:
-        if not self.alive():
-            raise AssertionError(f"{self.name} exited:\n{self.output()}")
-        return self.admin_cmd("healthcheck", check=False).returncode == 0
-
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        wait_for(self.healthy, timeout, f"{self.name} healthy")
+        return self.command(*args).stdout.strip()
 
     def join_token(self, spiffe_id: str) -> str:
         return self.admin("token", "generate", "--spiffe-id", spiffe_id).splitlines()[-1].strip()
@@ -189,8 +202,10 @@ class TesseraServer(Daemon):
         return path
 
 
-class TesseraAgent(Daemon):
+class TesseraAgent(_TesseraDaemon):
     """``tessera-agent run`` as a process, with its own commands (``--socket`` of its Workload API)."""
+
+    module = "tessera.agent"
 
     def __init__(
         self,
@@ -208,7 +223,7 @@ class TesseraAgent(Daemon):
         name: str = "agent",
         **daemon: Any,
     ) -> None:
-        self.socket = socket
+        self.socket = self.command_socket = socket
         self.data_dir = data_dir
         argv = [
             PY, "-m", "tessera.agent", "run", "--trust-domain", trust_domain, "--server-address", servers,
@@ -221,17 +236,6 @@ class TesseraAgent(Daemon):
         if join_token is not None:
             argv += ["--join-token", join_token]
         super().__init__(name, [*argv, *extra], log, **daemon)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return tessera("tessera.agent", *args, sock=self.socket, check=check)
-
-    def healthy(self) -> bool:
-        if not self.alive():
-            raise AssertionError(f"{self.name} exited:\n{self.output()}")
-        return self.cli("healthcheck", check=False).returncode == 0
-
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        wait_for(self.healthy, timeout, f"{self.name} healthy")
 
 
 def run_as(uid: int, script: str, *args: str, python: str = SYSTEM_PYTHON, timeout: float = 60) -> str:
