@@ -27,6 +27,7 @@ import pytest
 from cryptography import x509
 from quickstart_support import ROOT, TesseraEnv, processes_mentioning, require_binaries
 from support.procs import PY, Daemon, free_port, short_dir, wait_for
+from support.web import QuietHandler
 
 from tessera.sdk.http import SpiffeHTTPServer, peer_spiffe_id
 from tessera.sdk.source import X509Source
@@ -52,34 +53,22 @@ def cert_from_header(value: str) -> x509.Certificate:
     return x509.load_der_x509_certificate(base64.b64decode("".join(body.split())))
 
 
-class Backend(http.server.BaseHTTPRequestHandler):
+class Backend(QuietHandler):
     """What sits behind nginx/Apache: reads the caller's SPIFFE ID from the certificate the proxy passed."""
 
     def do_GET(self) -> None:
         header = self.headers.get("X-Client-Cert", "")
         caller = str(spiffe_id_from_certificate(cert_from_header(header))) if header.strip() else ""
         body = json.dumps({"verify": self.headers.get("X-Client-Verify", ""), "spiffe_id": caller}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply(body)
 
 
-class Whoami(http.server.BaseHTTPRequestHandler):
+class Whoami(QuietHandler):
     """A handler on the Tessera SDK's server: the caller's ID comes from the TLS connection itself."""
 
     def do_GET(self) -> None:
         body = f"hello {peer_spiffe_id(self.request)}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply(body)
 
 
 @dataclass

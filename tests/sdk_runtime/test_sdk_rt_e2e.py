@@ -4,7 +4,6 @@ across real rotations with zero failed requests; tessera-helper writes files ope
 
 from __future__ import annotations
 
-import http.server
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import requests
 from cryptography import x509
 from support.procs import PY, TesseraAgent, TesseraServer, short_dir, wait_for
+from support.web import QuietHandler
 
 from tessera.sdk.grpc import SpiffeChannel, SpiffeServerInterceptor, current_peer_id, server_credentials
 from tessera.sdk.http import SpiffeHTTPServer, requests_adapter
@@ -92,18 +92,12 @@ def stack() -> Iterator[Stack]:
         s.stop()
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         body = str(peer_spiffe_id(self.request)).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.reply(body)
 
 
 def test_helper_files_from_real_agent(stack: Stack, tmp_path: Path) -> None:

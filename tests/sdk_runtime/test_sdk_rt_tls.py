@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import socket
 import ssl
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import requests
+from support.web import QuietHandler
 
 from tessera.sdk.bundle import BundleSet, X509Bundle
 from tessera.sdk.errors import AuthorizationError
@@ -40,19 +40,13 @@ SERVER_ID = "spiffe://example.org/server"
 CLIENT_ID = "spiffe://example.org/client"
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         peer = peer_spiffe_id(self.request)
         body = json.dumps({"peer": str(peer)}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.reply(body)
 
 
 @pytest.fixture(scope="module")
