@@ -37,6 +37,12 @@ def test_durations_lists_and_addresses_are_parsed() -> None:
     assert config(bind_address="server.internal:8081").bind_ip is None
 
 
+def test_agent_svids_may_be_shorter_than_workload_svids() -> None:
+    assert config(agent_ttl="30s").agent_ttl == 30
+    with pytest.raises(ConfigError, match="default_x509_svid_ttl: must be at least 60s"):
+        config(default_x509_svid_ttl="30s")
+
+
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
@@ -50,6 +56,7 @@ def test_durations_lists_and_addresses_are_parsed() -> None:
         ({"ca_ttl": "5m"}, "ca_ttl"),
         ({"default_x509_svid_ttl": "30s"}, "default_x509_svid_ttl"),
         ({"agent_ttl": "48h"}, "agent_ttl"),
+        ({"agent_ttl": "20s"}, "agent_ttl"),
         ({"dns_names": "bad name"}, "dns_names"),
         ({"upstream_authority_cert": "/etc/hostname"}, "upstream_authority"),
         ({"x509pop_ca_bundle": "/nonexistent.pem"}, "x509pop_ca_bundle"),
