@@ -42,7 +42,7 @@ from tessera.sdk.logs import setup_logging
 from tessera.sdk.x509profile import build_x509_svid
 from tessera.server.api.admin import AdminServicer, AdminSettings
 from tessera.server.api.authority import CaManagerAuthority
-from tessera.server.api.node import NodeServicer, NodeSettings
+from tessera.server.api.node import JoinGrace, NodeServicer, NodeSettings, join_grace_needed
 from tessera.server.api.publisher import BundlePublisher, authority_ids, same_authorities
 from tessera.server.api.tls_front import PeerRegistry, TlsFront, build_server_context
 from tessera.server.attestation.base import NodeAttestor
@@ -176,9 +176,11 @@ class ServerApp:
         self._inner: grpc.aio.Server | None = None
         self._admin: grpc.aio.Server | None = None
         self._health: list[HealthServicer] = []
+        self._serving: bool | None = None  # the health status last set
         self._private_dir: Path | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
+        self._join_grace = JoinGrace.none(config.trust_domain)
 
     @property
     def datastore(self) -> Datastore:
@@ -216,6 +218,8 @@ class ServerApp:
             max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
             bundle_refresh_hint=dt.timedelta(seconds=int(cfg.federation_refresh_hint)),
         )
+        # Both CA set-ups below keep their journal here; none yet means this start creates the CA.
+        fresh_ca = not (cfg.data_dir / "ca" / "ca_journal.json").exists()
         key_manager = make_key_manager(cfg.ops)  # None: keys on disk in the data dir (0600)
         if key_manager is None:
             self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
@@ -242,11 +246,41 @@ class ServerApp:
         self._authority = (
             InstrumentedAuthority(authority, self._metrics) if self._metrics is not None else authority  # type: ignore[assignment]
         )
+        self._start_join_grace(fresh_ca)
         self._publish_bundle()
         self._crls = CrlPublisher(self._ca, self._ds)
         self._crls.publish(force=True)
         self._refresher = FederationRefresher(self._ds, cfg.trust_domain)
+        # The server's own TLS SVID is signed by the new CA at once, even in a join grace period: an agent
+        # that does not know the CA yet fails the TLS handshake and fails over to another server (or retries),
+        # which is what the grace period asks of it anyway; no workload ever relies on this SVID.
         self._svid = self._issue_server_svid()
+
+    def _start_join_grace(self, fresh_ca: bool) -> None:
+        """A brand-new server joining a trust domain others serve signs for nobody for ``join_grace``.
+
+        Its CA is published to the shared bundle at once, but agents of the other servers only learn it with
+        their next sync; SVIDs it signed meanwhile would fail verification there. Called before the first
+        publish, so the stored bundle still shows only what the other servers published.
+        """
+        assert self._publisher is not None
+        grace = self.config.join_grace
+        if grace <= 0:
+            return
+        stored, _ = self._publisher.stored()
+        stored_ids = None if stored is None else authority_ids(stored)
+        if not join_grace_needed(fresh_ca=fresh_ca, mine=authority_ids(self.ca.bundle()), stored=stored_ids):
+            return
+        self._join_grace = JoinGrace(self.config.trust_domain, time.monotonic() + grace)
+        log.warning(
+            "joining trust domain %s served by other servers: publishing this server's new CA, signing nothing "
+            "for %gs (join_grace) so agents learn it first",
+            self.config.trust_domain.name,
+            grace,
+        )
+
+    def _joining(self) -> bool:
+        return self._join_grace.remaining() > 0
 
     def _attestors(self) -> dict[str, NodeAttestor]:
         cfg = self.config
@@ -362,6 +396,7 @@ class ServerApp:
             authority=self._authority,
             attestors=attestors,
             peers=self._registry,
+            join_grace=self._join_grace,
         )
         admin = AdminServicer(
             settings=AdminSettings(trust_domain=cfg.trust_domain, join_token_ttl=cfg.join_token_ttl),
@@ -457,6 +492,7 @@ class ServerApp:
         reflection.enable_server_reflection(names, server)
 
     async def _set_health(self, serving: bool) -> None:
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for health in self._health:
             await health.set("", status)
@@ -535,7 +571,6 @@ class ServerApp:
 
     async def _maintain(self) -> None:
         failures = 0
-        serving = True
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self._maintenance_step)
@@ -545,10 +580,11 @@ class ServerApp:
                 failures += 1
                 log.exception("maintenance step failed (will retry)")
             # Health follows what agents would meet: NOT_SERVING while nothing can be signed, or while the
-            # upkeep keeps failing (rotation, bundle publishing), so orchestrators and load balancers notice.
-            healthy = failures < MAX_MAINTENANCE_FAILURES and self._can_serve()
-            if healthy != serving and not self._stop.is_set():
-                serving = healthy
+            # upkeep keeps failing (rotation, bundle publishing), so orchestrators and load balancers notice;
+            # also during a join grace period, when the signing RPCs refuse.
+            healthy = failures < MAX_MAINTENANCE_FAILURES and self._can_serve() and not self._joining()
+            # Compared with what was last set (None: serve_ready() has not run yet and decides the first status).
+            if self._serving is not None and healthy != self._serving and not self._stop.is_set():
                 (log.info if healthy else log.error)("health: %s", "SERVING" if healthy else "NOT_SERVING")
                 await self._set_health(healthy)
             with contextlib.suppress(TimeoutError):
@@ -557,7 +593,7 @@ class ServerApp:
     # ------------------------------------------------------------------------------------------ running
 
     async def serve_ready(self) -> None:
-        await self._set_health(True)
+        await self._set_health(not self._joining())  # the maintenance loop turns it SERVING when a grace ends
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -35,6 +35,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_jwt_svid_ttl", "duration", "5m", help="JWT-SVID life when an entry sets none"),
     Setting("agent_ttl", "duration", "1h", help="life of agent SVIDs"),
     Setting("join_token_ttl", "duration", "10m", help="default life of join tokens"),
+    Setting(
+        "join_grace",
+        "duration",
+        "15s",
+        help="a new server joining a trust domain others serve publishes its CA, then signs nothing for agents "
+        "this long, so agents syncing with the others learn the CA first (0: off)",
+    ),
     Setting("dns_names", "list", ["localhost"], help="DNS names in the server's own SVID (comma separated)"),
     Setting("upstream_authority_cert", "path", None, help="PEM CA certificate (chain) that signs the server CA"),
     Setting("upstream_authority_key", "path", None, help="PEM private key of the upstream CA"),
@@ -84,6 +91,7 @@ class ServerConfig:
     federation_cert: Path | None = None
     federation_key: Path | None = None
     federation_refresh_hint: float = 300.0
+    join_grace: float = 15.0
     ops: OpsConfig = field(default_factory=OpsConfig)
 
     @property
@@ -155,6 +163,9 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
     join_ttl = float(values["join_token_ttl"])
     if join_ttl <= 0:
         raise ConfigError("join_token_ttl: must be positive")
+    join_grace = float(values["join_grace"])
+    if join_grace < 0:
+        raise ConfigError("join_grace: must not be negative (0 turns the join grace period off)")
     dns_names = tuple(values["dns_names"] or ())
     for name in dns_names:
         if not name or " " in name or "/" in name:
@@ -226,6 +237,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
         federation_cert=fed_cert,
         federation_key=fed_key,
         federation_refresh_hint=refresh_hint,
+        join_grace=join_grace,
         ops=build_ops_config(values),
     )
 

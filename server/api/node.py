@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,7 +30,7 @@ from tessera.sdk.svid import certificates_to_der
 from tessera.server.api.authority import Authority
 from tessera.server.api.convert import entry_to_proto, selectors_to_proto
 from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent, serial_hex
-from tessera.server.api.status import denied, handle_errors, invalid, not_found, status_for
+from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found, status_for
 from tessera.server.attestation.base import AttestationError, NodeAttestor
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.revocation import authority_key_id, issued_svid
@@ -60,6 +62,49 @@ class NodeSettings:
     agent_ttl: float
     default_x509_svid_ttl: float
     default_jwt_svid_ttl: float
+
+
+def join_grace_needed(*, fresh_ca: bool, mine: AbstractSet[str], stored: AbstractSet[str] | None) -> bool:
+    """Whether a server starting now must wait before it signs: its CA was just created (no journal before)
+    and the stored trust bundle already holds authorities it did not publish, i.e. other servers serve this
+    trust domain and their agents do not know the new CA until their next sync.
+
+    ``mine`` and ``stored`` are authority ids (:func:`tessera.server.api.publisher.authority_ids`) of this
+    server's bundle and of the stored one (None: nothing stored yet). The first server of a trust domain, and
+    a server restarting with its journal (its CA already published), sign at once. JWT keys of a server that
+    left for good stay in the bundle, so a server joining after it may wait once for nothing: harmless.
+    """
+    return fresh_ca and stored is not None and bool(set(stored) - set(mine))
+
+
+class JoinGrace:
+    """The join grace period of a server that just joined a trust domain served by others.
+
+    Until ``until`` (on ``clock``) the signing RPCs answer UNAVAILABLE, which agents treat as "try another
+    server or retry", so nothing this server signs reaches a relying party that cannot yet verify it.
+    """
+
+    def __init__(self, trust_domain: TrustDomain, until: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._td = trust_domain
+        self._until = until
+        self._clock = clock
+
+    @classmethod
+    def none(cls, trust_domain: TrustDomain) -> JoinGrace:
+        return cls(trust_domain, -math.inf)
+
+    def remaining(self) -> float:
+        return max(0.0, self._until - self._clock())
+
+    def check(self) -> None:
+        """Raises UNAVAILABLE while the grace period lasts."""
+        left = self.remaining()
+        if left > 0:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this server just joined trust domain {self._td.name}; its new CA is being published to agents; "
+                f"retry in {math.ceil(left)}s",
+            )
 
 
 def _check_csr(csr_der: bytes, what: str) -> PublicKey:
@@ -204,6 +249,7 @@ class NodeServicer(ngrpc.NodeServicer):
         attestors: Mapping[str, NodeAttestor],
         peers: PeerLookup,
         clock: Callable[[], float] = time.time,
+        join_grace: JoinGrace | None = None,
     ) -> None:
         self._settings = settings
         self._td = settings.trust_domain
@@ -215,6 +261,7 @@ class NodeServicer(ngrpc.NodeServicer):
         self._entries = EntryCache(datastore)
         self._revoked = RevokedSerials(datastore)
         self._signing = asyncio.Semaphore(MAX_CONCURRENT_SIGNING)
+        self._join_grace = join_grace or JoinGrace.none(settings.trust_domain)
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -270,6 +317,7 @@ class NodeServicer(ngrpc.NodeServicer):
             await context.abort(code, message)
 
     async def _attest(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._join_grace.check()  # before reading anything: a refused attempt spends no join token
         try:
             first = await asyncio.wait_for(context.read(), ATTEST_STEP_TIMEOUT)
         except TimeoutError:
@@ -330,6 +378,7 @@ class NodeServicer(ngrpc.NodeServicer):
     async def RenewAgent(
         self, request: npb.RenewAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> npb.RenewAgentResponse:
+        self._join_grace.check()
         caller = await self._caller(context)
         key = _check_csr(request.csr, "agent CSR")
         chain = await asyncio.to_thread(self._sign_agent, key, caller.spiffe_id)
@@ -421,6 +470,7 @@ class NodeServicer(ngrpc.NodeServicer):
     async def BatchSignX509SVID(
         self, request: npb.BatchSignX509SVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> npb.BatchSignX509SVIDResponse:
+        self._join_grace.check()
         caller = await self._caller(context)
         count = len(request.requests)
         if count > MAX_BATCH:
@@ -500,6 +550,7 @@ class NodeServicer(ngrpc.NodeServicer):
     async def MintJWTSVID(
         self, request: npb.MintJWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> npb.MintJWTSVIDResponse:
+        self._join_grace.check()
         caller = await self._caller(context)
         audience = list(request.audience)
         if not audience:
