@@ -8,11 +8,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jwt
 
-# Re-exported: tests/hardening imports these from here.
+# Re-exported for the agent tests.
 from support.procs import FETCH_SCRIPT as FETCH_SCRIPT
 from support.procs import NOBODY as NOBODY
-from support.procs import SYSTEM_PYTHON as SYSTEM_PYTHON
-from support.procs import VENV_SITE as VENV_SITE
 from support.procs import run_as as run_as
 from support.procs import short_dir
 

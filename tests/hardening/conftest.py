@@ -1,11 +1,20 @@
-"""Lets the hardening tests reuse the server API and agent test harnesses (their folders have no __init__.py)."""
+"""Fixtures of the hardening tests."""
 
 from __future__ import annotations
 
-import sys
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-_TESTS = Path(__file__).resolve().parent.parent
-for _sub in ("server_api", "agent"):
-    if str(_TESTS / _sub) not in sys.path:
-        sys.path.insert(0, str(_TESTS / _sub))
+import pytest
+from support.procs import short_dir
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A short, world-searchable directory for one test's daemons and sockets, removed afterwards."""
+    path = short_dir("thard-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

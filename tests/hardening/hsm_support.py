@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 USER_PIN = "8642-tessera"
 SO_PIN = "97531-so"
@@ -57,3 +59,20 @@ def make_token(root: Path, label: str = "tessera-test", this_process: bool = Fal
         timeout=60,
     )
     return SoftHsm(root, module, label, conf)
+
+
+def assert_no_private_key_under(directory: Path, *, expect_files: bool = False) -> None:
+    """No file under ``directory`` is a private key, PEM or DER: the keys must stay in the token.
+    ``expect_files``: the directory must hold files at all (so the check cannot pass on an empty tree)."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    if expect_files:
+        assert files
+    for path in files:
+        data = path.read_bytes()
+        assert b"PRIVATE KEY" not in data, f"{path} holds a PEM private key"
+        for loader in (serialization.load_der_private_key, serialization.load_pem_private_key):
+            try:
+                loader(data, None)
+            except (ValueError, TypeError):
+                continue
+            raise AssertionError(f"{path} is a private key")

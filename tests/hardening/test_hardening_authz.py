@@ -18,11 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_testlib import NOBODY, run_as
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from hardening_support import TD, AgentProc, ServerProc, short_dir, wait_for
-from server_api_support import csr_der, ec_key
+from hardening_support import agent_proc, server_proc
+from support.inproc import TD
+from support.nodeapi import code_of, csr_der, ec_key
+from support.procs import NOBODY, TesseraAgent, TesseraServer, run_as, short_dir, wait_for
 
 from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
@@ -38,24 +39,24 @@ B_ID = f"spiffe://{TD}/host/b"
 @dataclass
 class World:
     root: Path
-    server: ServerProc
-    a: AgentProc
-    b: AgentProc
+    server: TesseraServer
+    a: TesseraAgent
+    b: TesseraAgent
     entries: dict[str, str]
 
 
-def _entry(server: ServerProc, path: str, parent: str, *selectors: str) -> str:
+def _entry(server: TesseraServer, path: str, parent: str, *selectors: str) -> str:
     args = ["entry", "create", "--spiffe-id", f"spiffe://{TD}{path}", "--parent-id", parent]
     for s in selectors:
         args += ["--selector", s]
-    return server.cli(*args).splitlines()[-1].strip()
+    return server.admin(*args).splitlines()[-1].strip()
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    root = short_dir()
-    server = ServerProc(root)
-    agents: list[AgentProc] = []
+    root = short_dir("thard-")
+    server = server_proc(root)
+    agents: list[TesseraAgent] = []
     try:
         server.start_and_wait()
         server.write_bundle(root / "bundle.pem")
@@ -64,8 +65,8 @@ def world() -> Iterator[World]:
             "a-nobody": _entry(server, "/a/nobody", A_ID, f"unix:uid:{NOBODY}"),
             "b-root": _entry(server, "/b/root", B_ID, "unix:uid:0"),
         }
-        a = AgentProc(root, server, "a", "--join-token", server.token(A_ID))
-        b = AgentProc(root, server, "b", "--join-token", server.token(B_ID))
+        a = agent_proc(root, server, "a", "--join-token", server.join_token(A_ID))
+        b = agent_proc(root, server, "b", "--join-token", server.join_token(B_ID))
         agents = [a, b]
         a.start()
         b.start()
@@ -79,7 +80,7 @@ def world() -> Iterator[World]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _node_stub(world: World, agent: AgentProc) -> tuple[grpc.Channel, ngrpc.NodeStub]:
+def _node_stub(world: World, agent: TesseraAgent) -> tuple[grpc.Channel, ngrpc.NodeStub]:
     """A node API client presenting the agent's own SVID, read from its data dir (what a thief on that host has)."""
     pem = (agent.data_dir / "agent.pem").read_bytes()
     key = serialization.load_pem_private_key(pem, None)
@@ -92,28 +93,21 @@ def _node_stub(world: World, agent: AgentProc) -> tuple[grpc.Channel, ngrpc.Node
     return channel, ngrpc.NodeStub(channel)  # type: ignore[no-untyped-call]
 
 
-def _code(call: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
-    code: grpc.StatusCode = info.value.code()
-    return code
-
-
 def test_agent_a_cannot_sign_mint_or_see_agent_b_entries(world: World) -> None:
     channel, stub = _node_stub(world, world.a)
     try:
         b_entry = world.entries["b-root"]
         sign = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=b_entry, csr=csr_der(ec_key()))])
-        assert _code(lambda: stub.BatchSignX509SVID(sign, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.BatchSignX509SVID(sign, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
         mixed = npb.BatchSignX509SVIDRequest(
             requests=[
                 npb.X509SignRequest(entry_id=world.entries["a-root"], csr=csr_der(ec_key())),
                 npb.X509SignRequest(entry_id=b_entry, csr=csr_der(ec_key())),
             ]
         )
-        assert _code(lambda: stub.BatchSignX509SVID(mixed, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.BatchSignX509SVID(mixed, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
         mint = npb.MintJWTSVIDRequest(entry_id=b_entry, audience=["x"])
-        assert _code(lambda: stub.MintJWTSVID(mint, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.MintJWTSVID(mint, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
         synced = stub.Sync(npb.SyncRequest(), timeout=30)
         ids = {e.spiffe_id for e in synced.entries}
         assert f"spiffe://{TD}/a/root" in ids and f"spiffe://{TD}/b/root" not in ids
@@ -177,7 +171,7 @@ def test_a_workload_cannot_mint_a_jwt_for_another(world: World) -> None:
 def test_requests_without_the_security_header_are_refused(world: World) -> None:
     with grpc.insecure_channel(f"unix:{world.a.socket}") as channel:
         stub = WorkloadApiStub(channel)
-        code = _code(lambda: next(iter(stub.FetchX509SVID(wpb.X509SVIDRequest(), timeout=20))))
+        code = code_of(lambda: next(iter(stub.FetchX509SVID(wpb.X509SVIDRequest(), timeout=20))))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         ok = next(iter(stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=20)))
         assert ok.svids
@@ -246,8 +240,8 @@ def test_permissions_are_as_documented(world: World) -> None:
 
 
 def test_a_join_token_used_by_two_agents_at_once_admits_exactly_one(world: World) -> None:
-    token = world.server.token(f"spiffe://{TD}/host/race")
-    racers = [AgentProc(world.root, world.server, f"race{i}", "--join-token", token) for i in range(2)]
+    token = world.server.join_token(f"spiffe://{TD}/host/race")
+    racers = [agent_proc(world.root, world.server, f"race{i}", "--join-token", token) for i in range(2)]
     try:
         for r in racers:
             r.start()
@@ -262,7 +256,7 @@ def test_a_join_token_used_by_two_agents_at_once_admits_exactly_one(world: World
         assert loser.proc is not None and loser.proc.returncode != 0
         assert "token" in loser.output().lower()
         assert not (loser.data_dir / "agent.pem").exists()
-        agents = world.server.cli("agent", "list")
+        agents = world.server.admin("agent", "list")
         assert agents.count(f"spiffe://{TD}/host/race") == 1
     finally:
         for r in racers:

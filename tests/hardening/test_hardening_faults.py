@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +16,10 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from hardening_support import PY, TD, AgentProc, ServerProc, run, short_dir, wait_for
-from server_api_support import AdminClient, Agent, HostPki, csr_der, ec_key
+from hardening_support import agent_proc, server_proc
+from support.inproc import TD, AdminClient
+from support.nodeapi import Agent, HostPki, csr_der, ec_key
+from support.procs import PY, TesseraAgent, TesseraServer, run, wait_for
 
 from tessera.proto import node_pb2 as npb
 from tessera.proto import workload_pb2 as wpb
@@ -33,19 +33,10 @@ pytestmark = pytest.mark.slow
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class ServerShim:
-    """What server_api_support.Agent needs from a server: its address and its trust bundle."""
+    """What support.nodeapi.Agent needs from a server: its address and its trust bundle."""
 
-    def __init__(self, server: ServerProc) -> None:
+    def __init__(self, server: TesseraServer) -> None:
         self.server = server
 
     @property
@@ -53,7 +44,7 @@ class ServerShim:
         return f"127.0.0.1:{self.server.port}"
 
     def bundle_pem(self) -> bytes:
-        return self.server.cli("bundle", "show").encode() + b"\n"
+        return self.server.admin("bundle", "show").encode() + b"\n"
 
 
 def _sqlite_is_intact(path: Path) -> None:
@@ -65,11 +56,11 @@ def _sqlite_is_intact(path: Path) -> None:
 
 
 def test_sigkill_during_batch_signing_leaves_no_partial_state(root: Path) -> None:
-    server = ServerProc(root).start_and_wait()
+    server = server_proc(root).start_and_wait()
     try:
-        bundle_before = server.cli("bundle", "show")
+        bundle_before = server.admin("bundle", "show")
         agent = Agent(ServerShim(server))  # type: ignore[arg-type]
-        agent.attest_join_token(server.token(f"spiffe://{TD}/host/batch"))
+        agent.attest_join_token(server.join_token(f"spiffe://{TD}/host/batch"))
         with AdminClient(server.admin_socket) as admin:
             entries = [admin.create_entry(f"spiffe://{TD}/batch/{i}", agent.spiffe_id) for i in range(20)]
         requests = [npb.X509SignRequest(entry_id=entries[i % 20].id, csr=csr_der(ec_key())) for i in range(500)]
@@ -89,21 +80,21 @@ def test_sigkill_during_batch_signing_leaves_no_partial_state(root: Path) -> Non
         signer = threading.Thread(target=sign_until_killed, daemon=True)
         signer.start()
         time.sleep(0.7)  # well inside a batch (one takes around a second)
-        server.kill9()
+        server.kill()
         signer.join(60)
         assert outcome.get("error") == grpc.StatusCode.UNAVAILABLE
         agent.reset_channel()
         _sqlite_is_intact(server.data_dir / "datastore.sqlite3")
 
-        restarted = ServerProc(root, port=server.port).start_and_wait()
+        restarted = server_proc(root, port=server.port).start_and_wait()
         server = restarted
-        assert restarted.cli("bundle", "show") == bundle_before  # same CA, nothing half-rotated
-        listed = restarted.cli("entry", "show", "--output", "json")
+        assert restarted.admin("bundle", "show") == bundle_before  # same CA, nothing half-rotated
+        listed = restarted.admin("entry", "show", "--output", "json")
         assert sum(f"spiffe://{TD}/batch/" in line for line in listed.split('"spiffe_id"')) == 20
         # The agent's identity survived: it signs a full batch again, and every SVID verifies.
         response = agent.stub().BatchSignX509SVID(batch, timeout=60)
         assert len(response.results) == 500
-        x509_bundle = X509Bundle.parse_pem(TD, restarted.cli("bundle", "show").encode())
+        x509_bundle = X509Bundle.parse_pem(TD, restarted.admin("bundle", "show").encode())
         for result in response.results[:50]:
             verify_x509_svid(parse_der_certificates(result.cert_chain), x509_bundle)
         agent.close()
@@ -140,27 +131,27 @@ class Watcher:
 
 
 def test_agent_sigkill_and_restart_while_workloads_stream(root: Path) -> None:
-    server = ServerProc(root).start_and_wait()
-    agent: AgentProc | None = None
+    server = server_proc(root).start_and_wait()
+    agent: TesseraAgent | None = None
     watchers: list[Watcher] = []
     try:
         server.write_bundle(root / "bundle.pem")
         agent_id = f"spiffe://{TD}/host/stream"
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/streamer", "--parent-id", agent_id,
             "--selector", "unix:uid:0",
         )  # fmt: skip
-        agent = AgentProc(root, server, "agent", "--join-token", server.token(agent_id)).start_and_wait()
+        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(agent_id)).start_and_wait()
         watchers = [Watcher(agent.socket) for _ in range(3)]
         threads = [threading.Thread(target=w.run, daemon=True) for w in watchers]
         for t in threads:
             t.start()
         wait_for(lambda: all(w.seen for w in watchers), what="every workload's first SVID")
         before = {id(w): w.seen[-1] for w in watchers}
-        agent.kill9()
+        agent.kill()
         killed_at = time.monotonic()
         # Restart without a join token: the agent comes back with the identity it stored.
-        agent = AgentProc(root, server, "agent").start_and_wait()
+        agent = agent_proc(root, server, "agent").start_and_wait()
         wait_for(
             lambda: all(any(when > killed_at for when, _, _ in w.seen) for w in watchers),
             what="every workload to receive an SVID from the restarted agent",
@@ -186,16 +177,16 @@ def _skewed(offset: str) -> dict[str, str]:
 @pytest.mark.skipif(not os.path.exists(FAKETIME_LIB), reason="libfaketime missing: run scripts/system-deps.sh")
 @pytest.mark.parametrize("offset", ["+5s", "-5s"])
 def test_clock_skew_of_a_few_seconds_between_agent_and_server(root: Path, offset: str) -> None:
-    server = ServerProc(root).start_and_wait()
-    agent: AgentProc | None = None
+    server = server_proc(root).start_and_wait()
+    agent: TesseraAgent | None = None
     try:
         server.write_bundle(root / "bundle.pem")
         agent_id = f"spiffe://{TD}/host/skew"
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/skewed", "--parent-id", agent_id,
             "--selector", "unix:uid:0",
         )  # fmt: skip
-        agent = AgentProc(root, server, "agent", "--join-token", server.token(agent_id), env=_skewed(offset))
+        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(agent_id), env=_skewed(offset))
         agent.start_and_wait()
         probe = run(PY, "-c", "import time; print(time.time())", env=_skewed(offset))
         assert abs(abs(float(probe.stdout) - time.time()) - 5) < 2, "libfaketime did not skew the clock"
@@ -207,7 +198,7 @@ def test_clock_skew_of_a_few_seconds_between_agent_and_server(root: Path, offset
             what="X509-SVID through the skewed agent",
         )  # fmt: skip
         chain = x509.load_pem_x509_certificates((fetched / "svid.0.pem").read_bytes())
-        verify_x509_svid(chain, X509Bundle.parse_pem(TD, server.cli("bundle", "show").encode()))
+        verify_x509_svid(chain, X509Bundle.parse_pem(TD, server.admin("bundle", "show").encode()))
         jwt = run(PY, "-m", "tessera.agent", "api", "fetch", "jwt", "--audience", "db", "--socket", agent.socket)
         assert jwt.returncode == 0, jwt.stderr
         token = next(word for word in jwt.stdout.split() if word.count(".") == 2 and word.startswith("eyJ"))
@@ -240,12 +231,12 @@ def test_outage_longer_than_the_agent_svid_life_recovers_by_x509pop(root: Path) 
     )  # fmt: skip
     os.chmod(pop_dir / "host.key", 0o600)
     ttl = ("--agent-ttl", "60s", "--default-x509-svid-ttl", "60s")
-    server = ServerProc(root, "--x509pop-ca-bundle", str(pop_dir / "root.pem"), *ttl).start_and_wait()
-    agent: AgentProc | None = None
+    server = server_proc(root, "--x509pop-ca-bundle", str(pop_dir / "root.pem"), *ttl).start_and_wait()
+    agent: TesseraAgent | None = None
     try:
         server.write_bundle(root / "bundle.pem")
         pop = ["--x509pop-cert", str(pop_dir / "host.pem"), "--x509pop-key", str(pop_dir / "host.key")]
-        agent = AgentProc(root, server, "agent", *pop).start_and_wait()
+        agent = agent_proc(root, server, "agent", *pop).start_and_wait()
         svid_file = agent.data_dir / "agent.pem"
         agent_id = x509.load_pem_x509_certificates(svid_file.read_bytes())[0]
         first_not_after = agent_id.not_valid_after_utc
@@ -255,7 +246,7 @@ def test_outage_longer_than_the_agent_svid_life_recovers_by_x509pop(root: Path) 
         assert remaining <= 61
         time.sleep(max(0.0, remaining) + 1)
         assert agent.alive(), agent.output()
-        server = ServerProc(root, "--x509pop-ca-bundle", str(pop_dir / "root.pem"), *ttl, port=server.port)
+        server = server_proc(root, "--x509pop-ca-bundle", str(pop_dir / "root.pem"), *ttl, port=server.port)
         server.start_and_wait()
 
         def reattested() -> bool:
@@ -272,16 +263,16 @@ def test_outage_longer_than_the_agent_svid_life_recovers_by_x509pop(root: Path) 
 
 
 def test_sigterm_ends_workload_streams_with_unavailable(root: Path) -> None:
-    server = ServerProc(root).start_and_wait()
-    agent: AgentProc | None = None
+    server = server_proc(root).start_and_wait()
+    agent: TesseraAgent | None = None
     try:
         server.write_bundle(root / "bundle.pem")
         agent_id = f"spiffe://{TD}/host/graceful"
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/graceful", "--parent-id", agent_id,
             "--selector", "unix:uid:0",
         )  # fmt: skip
-        agent = AgentProc(root, server, "agent", "--join-token", server.token(agent_id)).start_and_wait()
+        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(agent_id)).start_and_wait()
         with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
             streams = [
                 WorkloadApiStub(channel).FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=60)

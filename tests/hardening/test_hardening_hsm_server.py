@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from hardening_support import PY, TD, AgentProc, ServerProc, run, short_dir, wait_for
-from hsm_support import USER_PIN, SoftHsm, make_token, softhsm_module
+from hardening_support import agent_proc, server_proc
+from hsm_support import USER_PIN, SoftHsm, assert_no_private_key_under, make_token, softhsm_module
+from support.inproc import TD
+from support.procs import PY, TesseraAgent, TesseraServer, run, wait_for
 
 from tessera.sdk.bundle import X509Bundle
 from tessera.sdk.verify import verify_x509_svid
@@ -27,38 +27,15 @@ pytestmark = [
 AGENT_ID = f"spiffe://{TD}/host/hsm"
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _hsm_server(root: Path, hsm: SoftHsm, port: int | None = None) -> ServerProc:
+def _hsm_server(root: Path, hsm: SoftHsm, port: int | None = None) -> TesseraServer:
     env = {**hsm.env, "TESSERA_TEST_HSM_PIN": USER_PIN}
-    return ServerProc(
+    return server_proc(
         root, "--key-manager", "pkcs11", "--pkcs11-module", hsm.module, "--pkcs11-token-label", hsm.label,
         "--pkcs11-pin", "env:TESSERA_TEST_HSM_PIN", "--log-level", "debug", env=env, port=port,
     )  # fmt: skip
 
 
-def _no_private_key_under(directory: Path) -> None:
-    files = [p for p in directory.rglob("*") if p.is_file()]
-    assert files
-    for path in files:
-        data = path.read_bytes()
-        assert b"PRIVATE KEY" not in data, f"{path} holds a PEM private key"
-        for loader in (serialization.load_der_private_key, serialization.load_pem_private_key):
-            try:
-                loader(data, None)
-            except (ValueError, TypeError):
-                continue
-            raise AssertionError(f"{path} is a private key")
-
-
-def _fetch_and_verify(server: ServerProc, agent: AgentProc, out: Path) -> x509.Certificate:
+def _fetch_and_verify(server: TesseraServer, agent: TesseraAgent, out: Path) -> x509.Certificate:
     shutil.rmtree(out, ignore_errors=True)
     wait_for(
         lambda: run(PY, "-m", "tessera.agent", "api", "fetch", "x509", "--socket", agent.socket, "--write", str(out))
@@ -66,7 +43,7 @@ def _fetch_and_verify(server: ServerProc, agent: AgentProc, out: Path) -> x509.C
         what="an X509-SVID",
     )  # fmt: skip
     chain = x509.load_pem_x509_certificates((out / "svid.0.pem").read_bytes())
-    sid, _ = verify_x509_svid(chain, X509Bundle.parse_pem(TD, server.cli("bundle", "show").encode()))
+    sid, _ = verify_x509_svid(chain, X509Bundle.parse_pem(TD, server.admin("bundle", "show").encode()))
     assert str(sid) == f"spiffe://{TD}/hsm/workload"
     return chain[0]
 
@@ -74,45 +51,45 @@ def _fetch_and_verify(server: ServerProc, agent: AgentProc, out: Path) -> x509.C
 def test_a_server_with_its_ca_keys_in_softhsm(root: Path) -> None:
     hsm = make_token(root / "hsm")
     server = _hsm_server(root, hsm).start_and_wait()
-    agent: AgentProc | None = None
+    agent: TesseraAgent | None = None
     try:
         server.write_bundle(root / "bundle.pem")
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/hsm/workload", "--parent-id", AGENT_ID,
             "--selector", "unix:uid:0",
         )  # fmt: skip
-        agent = AgentProc(root, server, "agent", "--join-token", server.token(AGENT_ID)).start_and_wait()
+        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(AGENT_ID)).start_and_wait()
         first = _fetch_and_verify(server, agent, root / "svid1")
         assert not (server.data_dir / "ca" / "keys").exists() or not any((server.data_dir / "ca" / "keys").iterdir())
-        _no_private_key_under(server.data_dir)
+        assert_no_private_key_under(server.data_dir, expect_files=True)
         # The token holds the keys (SoftHSM2 stores objects as files in its token dir, not in the data dir).
         assert hsm.token_files()
 
         # Forced rotation, then taint the old CA: the agent re-signs with the new HSM-held CA.
-        slots = json.loads(server.cli("ca", "show", "--output", "json"))
+        slots = json.loads(server.admin("ca", "show", "--output", "json"))
         if isinstance(slots, dict):
             slots = next(v for v in slots.values() if isinstance(v, list))
         (old_id,) = [s["key_id"] for s in slots if s["kind"] == "x509" and s["state"] == "active"]
-        server.cli("ca", "prepare")
-        server.cli("ca", "activate")
+        server.admin("ca", "prepare")
+        server.admin("ca", "activate")
         server.write_bundle(root / "bundle.pem")
-        server.cli("ca", "taint", "--id", old_id)
+        server.admin("ca", "taint", "--id", old_id)
 
         def resigned() -> bool:
             leaf = _fetch_and_verify(server, agent, root / "svid2")  # type: ignore[arg-type]
             return _aki(leaf) != _aki(first)  # signed by the new CA
 
         wait_for(resigned, what="an SVID signed by the rotated HSM CA")
-        _no_private_key_under(server.data_dir)
-        bundle = server.cli("bundle", "show")
+        assert_no_private_key_under(server.data_dir, expect_files=True)
+        bundle = server.admin("bundle", "show")
         agent.stop()
         agent = None
         server.stop()
 
         # A restart logs in again and finds the CA keys on the token: same bundle, still signing.
         server = _hsm_server(root, hsm, port=server.port).start_and_wait()
-        assert server.cli("bundle", "show") == bundle
-        agent = AgentProc(root, server, "agent").start_and_wait()
+        assert server.admin("bundle", "show") == bundle
+        agent = agent_proc(root, server, "agent").start_and_wait()
         _fetch_and_verify(server, agent, root / "svid3")
         assert USER_PIN not in server.output()
     finally:
@@ -129,7 +106,7 @@ def _aki(cert: x509.Certificate) -> bytes:
 def test_a_wrong_pin_stops_start_up_with_one_line(root: Path) -> None:
     hsm = make_token(root / "hsm")
     env = {**hsm.env, "TESSERA_TEST_HSM_PIN": "0000"}
-    server = ServerProc(
+    server = server_proc(
         root, "--key-manager", "pkcs11", "--pkcs11-module", hsm.module, "--pkcs11-token-label", hsm.label,
         "--pkcs11-pin", "env:TESSERA_TEST_HSM_PIN", env=env,
     )  # fmt: skip

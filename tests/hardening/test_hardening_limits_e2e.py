@@ -9,9 +9,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from agent_testlib import NOBODY, run_as
-from hardening_support import TD, AgentProc, ServerProc, short_dir
-from server_api_support import Agent, RunningServer, cleanup, csr_der, ec_key, free_socket_dir, make_config
+from hardening_support import agent_proc, server_proc
+from support.inproc import TD, RunningServer, cleanup, free_socket_dir, make_config
+from support.nodeapi import Agent, csr_der, ec_key
+from support.procs import FETCH_SCRIPT, NOBODY, TesseraAgent, run_as, short_dir
 
 from tessera.proto import node_pb2 as npb
 from tessera.proto import workload_pb2 as wpb
@@ -82,35 +83,25 @@ def test_signing_is_rate_limited_per_agent(tmp_path_factory: pytest.TempPathFact
         cleanup(sock_dir)
 
 
-NOBODY_STREAM = """
-import grpc
-from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
-from tessera.proto import workload_pb2
-stub = WorkloadApiStub(grpc.insecure_channel("unix:" + sys.argv[1]))
-try:
-    next(iter(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=20)))
-    print("OK")
-except grpc.RpcError as e:
-    print("ERR " + e.code().name)
-"""
 
 
 def test_open_streams_are_capped_per_caller_uid() -> None:
-    root = short_dir()
-    server = ServerProc(root)
-    agent: AgentProc | None = None
+    root = short_dir("thard-")
+    server = server_proc(root)
+    agent: TesseraAgent | None = None
     try:
         server.start_and_wait()
         server.write_bundle(root / "bundle.pem")
         agent_id = f"spiffe://{TD}/host/cap"
         for path, uid in (("/cap/root", 0), ("/cap/nobody", NOBODY)):
-            server.cli(
+            server.admin(
                 "entry", "create", "--spiffe-id", f"spiffe://{TD}{path}", "--parent-id", agent_id,
                 "--selector", f"unix:uid:{uid}",
             )  # fmt: skip
-        agent = AgentProc(
-            root, server, "agent", "--join-token", server.token(agent_id), "--workload-api-max-streams-per-caller", "3"
-        ).start_and_wait()
+        agent = agent_proc(
+            root, server, "agent", "--join-token", server.join_token(agent_id),
+            "--workload-api-max-streams-per-caller", "3",
+        ).start_and_wait()  # fmt: skip
         with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
             stub = WorkloadApiStub(channel)
             held = [stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=60) for _ in range(3)]
@@ -121,7 +112,7 @@ def test_open_streams_are_capped_per_caller_uid() -> None:
                 next(extra)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             # Another uid is not affected; unary calls are not streams.
-            assert run_as(NOBODY, NOBODY_STREAM, agent.socket) == "OK"
+            assert run_as(NOBODY, FETCH_SCRIPT, agent.socket) == f"OK spiffe://{TD}/cap/nobody"
             jwt = stub.FetchJWTSVID(wpb.JWTSVIDRequest(audience=["x"]), metadata=SECURITY_METADATA, timeout=30)
             assert jwt.svids
             held[0].cancel()

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from hardening_support import PY, TD, AgentProc, ServerProc, run, short_dir, wait_for
+from hardening_support import agent_proc, server_proc
+from support.inproc import TD
+from support.procs import PY, TesseraAgent, run, short_dir, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +48,21 @@ def _scan(text: str, secrets: dict[str, list[str]]) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_full_run_logs_no_secrets(fmt: str) -> None:
-    root = short_dir()
-    server = ServerProc(root, "--log-level", "debug", "--log-format", fmt)
-    agent: AgentProc | None = None
+    root = short_dir("thard-")
+    server = server_proc(root, "--log-level", "debug", "--log-format", fmt)
+    agent: TesseraAgent | None = None
     try:
         server.start_and_wait()
         server.write_bundle(root / "bundle.pem")
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/logs/workload", "--parent-id", AGENT_ID,
             "--selector", "unix:uid:0", "--x509-svid-ttl", "60s",
         )  # fmt: skip
-        token = server.token(AGENT_ID)
-        unused_token = server.token(f"spiffe://{TD}/host/unused")
+        token = server.join_token(AGENT_ID)
+        unused_token = server.join_token(f"spiffe://{TD}/host/unused")
         bad = run(PY, "-m", "tessera.agent", "api", "fetch", "x509", "--socket", str(root / "none.sock"))
         assert bad.returncode != 0
-        agent = AgentProc(root, server, "agent", "--join-token", token, "--log-level", "debug", "--log-format", fmt)
+        agent = agent_proc(root, server, "agent", "--join-token", token, "--log-level", "debug", "--log-format", fmt)
         agent.start_and_wait()
         out_dir = root / "fetched"
         wait_for(
@@ -79,10 +81,10 @@ def test_a_full_run_logs_no_secrets(fmt: str) -> None:
         )  # fmt: skip
         assert checked.returncode == 0, checked.stderr
         # A forced CA rotation and a refused attestation with a wrong token put more paths in the logs.
-        server.cli("ca", "prepare")
-        server.cli("ca", "activate")
+        server.admin("ca", "prepare")
+        server.admin("ca", "activate")
         server.write_bundle(root / "bundle.pem")  # new agents must trust the CA that now signs the server
-        wrong = AgentProc(root, server, "wrong", "--join-token", token[:-4] + "AAAA", "--log-level", "debug")
+        wrong = agent_proc(root, server, "wrong", "--join-token", token[:-4] + "AAAA", "--log-level", "debug")
         wrong.start()
         wait_for(lambda: not wrong.alive(), what="the agent with a wrong token to stop")
         secrets = {

@@ -15,8 +15,20 @@ import grpc
 import psutil
 import pytest
 import yaml
-from agent_testlib import NOBODY, run_as
-from hardening_support import PY, TD, AgentProc, ServerProc, free_port, run, short_dir, wait_for
+from hardening_support import agent_proc, server_proc
+from support.inproc import TD
+from support.procs import (
+    FETCH_SCRIPT,
+    NOBODY,
+    PY,
+    TesseraAgent,
+    TesseraServer,
+    free_port,
+    run,
+    run_as,
+    short_dir,
+    wait_for,
+)
 
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
@@ -52,27 +64,27 @@ def value(samples: dict[str, float], name: str, **labels: str) -> float:
 @dataclass
 class World:
     root: Path
-    server: ServerProc
-    agent: AgentProc
+    server: TesseraServer
+    agent: TesseraAgent
     server_metrics: int
     agent_metrics: int
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    root = short_dir()
+    root = short_dir("thard-")
     server_port, agent_port = free_port(), free_port()
-    server = ServerProc(root, "--metrics-bind-address", f"127.0.0.1:{server_port}")
-    agent: AgentProc | None = None
+    server = server_proc(root, "--metrics-bind-address", f"127.0.0.1:{server_port}")
+    agent: TesseraAgent | None = None
     try:
         server.start_and_wait()
         server.write_bundle(root / "bundle.pem")
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/metrics/root", "--parent-id", AGENT_ID,
             "--selector", "unix:uid:0", "--x509-svid-ttl", "120s",
         )  # fmt: skip
-        agent = AgentProc(
-            root, server, "agent", "--join-token", server.token(AGENT_ID),
+        agent = agent_proc(
+            root, server, "agent", "--join-token", server.join_token(AGENT_ID),
             "--metrics-bind-address", f"127.0.0.1:{agent_port}",
         )  # fmt: skip
         agent.start_and_wait()
@@ -92,7 +104,7 @@ def _fetch(world: World) -> None:
 def test_server_metrics_count_signing_rpcs_and_attestation_failures(world: World) -> None:
     wait_for(lambda: run(PY, "-m", "tessera.agent", "api", "fetch", "x509", "--socket", world.agent.socket)
              .returncode == 0, what="first SVID")  # fmt: skip
-    bad = AgentProc(world.root, world.server, "bad", "--join-token", "not-a-real-token")
+    bad = agent_proc(world.root, world.server, "bad", "--join-token", "not-a-real-token")
     bad.start()
     wait_for(lambda: not bad.alive(), what="the agent with a bad token to stop")
     samples = scrape(world.server_metrics)
@@ -115,7 +127,7 @@ def test_agent_metrics_streams_cache_expiry_and_refusals(world: World) -> None:
         samples = scrape(world.agent_metrics)
         assert value(samples, "tessera_agent_workload_api_streams_open", method="FetchX509SVID") >= 1
         stream.cancel()
-    assert run_as(NOBODY, _NOBODY_FETCH, world.agent.socket).startswith("ERR PERMISSION_DENIED")
+    assert run_as(NOBODY, FETCH_SCRIPT, world.agent.socket).startswith("ERR PERMISSION_DENIED")
     samples = scrape(world.agent_metrics)
     assert value(samples, "tessera_agent_cache_size", kind="x509_svids") >= 1
     assert 0 < value(samples, "tessera_agent_svid_soonest_expiry_seconds") <= 120
@@ -126,37 +138,27 @@ def test_agent_metrics_streams_cache_expiry_and_refusals(world: World) -> None:
     assert value(samples, "tessera_agent_workload_attestation_failures_total", reason="no_identity") >= 1
     # Streams end when the workload hangs up: CANCELLED is their normal end, never OK.
     assert value(samples, "tessera_agent_workload_api_rpcs_total", method="FetchX509SVID", code="CANCELLED") >= 1
-    wait_for(lambda: scrape(world.agent_metrics).get(
-        'tessera_agent_workload_api_streams_open{method="FetchX509SVID"}') == 0, what="stream gauge back to 0")
+    wait_for(
+        lambda: scrape(world.agent_metrics).get('tessera_agent_workload_api_streams_open{method="FetchX509SVID"}') == 0,
+        what="stream gauge back to 0",
+    )
 
 
-_NOBODY_FETCH = """
-import grpc
-import psutil
-from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
-from tessera.proto import workload_pb2
-stub = WorkloadApiStub(grpc.insecure_channel("unix:" + sys.argv[1]))
-try:
-    next(iter(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=20)))
-    print("OK")
-except grpc.RpcError as e:
-    print("ERR " + e.code().name)
-"""
 
 
 def test_expiry_gauges_move_across_a_rotation(world: World) -> None:
     before_server = value(scrape(world.server_metrics), "tessera_server_ca_expiry_seconds", kind="x509")
     before_agent = value(scrape(world.agent_metrics), "tessera_agent_svid_soonest_expiry_seconds")
-    slots = json.loads(world.server.cli("ca", "show", "--output", "json"))
+    slots = json.loads(world.server.admin("ca", "show", "--output", "json"))
     if isinstance(slots, dict):
         slots = next(v for v in slots.values() if isinstance(v, list))
     (old_id,) = [s["key_id"] for s in slots if s["kind"] == "x509" and s["state"] == "active"]
-    world.server.cli("ca", "prepare")
-    world.server.cli("ca", "activate")
+    world.server.admin("ca", "prepare")
+    world.server.admin("ca", "activate")
     after_server = value(scrape(world.server_metrics), "tessera_server_ca_expiry_seconds", kind="x509")
     assert after_server > before_server  # the new CA has its whole life ahead
     # Tainting the old CA makes the agent re-sign at once: the soonest SVID expiry jumps forward.
-    world.server.cli("ca", "taint", "--id", old_id)
+    world.server.admin("ca", "taint", "--id", old_id)
     wait_for(
         lambda: value(scrape(world.agent_metrics), "tessera_agent_svid_soonest_expiry_seconds") > before_agent + 1,
         what="the agent's soonest expiry to move after re-signing",
@@ -179,8 +181,8 @@ def test_every_metric_the_alert_rules_use_is_exported(world: World) -> None:
 
 def test_metrics_listener_is_opt_in() -> None:
     """Without metrics_bind_address the server listens on its node API port and nothing else."""
-    root = short_dir()
-    server = ServerProc(root)
+    root = short_dir("thard-")
+    server = server_proc(root)
     try:
         server.start_and_wait()
         listening = {

@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hsm_support import USER_PIN, SoftHsm, make_token, softhsm_module
+from hsm_support import USER_PIN, SoftHsm, assert_no_private_key_under, make_token, softhsm_module
 
 from tessera.sdk.bundle import X509Bundle
 from tessera.sdk.jwtsvid import JwtSvid
@@ -168,20 +168,6 @@ def test_read_pin(tmp_path: Path) -> None:
         read_pin(f"file:{empty}")
 
 
-def _no_private_key_under(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        assert b"PRIVATE KEY" not in data, f"{path} holds a PEM private key"
-        for loader in (serialization.load_der_private_key, serialization.load_pem_private_key):
-            try:
-                loader(data, None)
-            except (ValueError, TypeError):
-                continue
-            raise AssertionError(f"{path} is a private key")
-
-
 def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path) -> None:
     """Issue, rotate, taint and revoke with the CA key on the token; the data dir never holds a private key."""
     clock_now = [dt.datetime.now(dt.UTC).replace(microsecond=0)]
@@ -224,7 +210,7 @@ def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path)
     manager.revoke("x509", victim)
     assert victim_slot not in keys.slot_ids()
     issue_and_verify()
-    _no_private_key_under(tmp_path)
+    assert_no_private_key_under(tmp_path)
     # A restart finds the keys on the token again, rotates nothing and keeps signing.
     active = manager.active_x509_authority
     assert active is not None

@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_api_support import TD, Agent, RunningServer, cleanup, csr_der, ec_key, free_socket_dir, make_config
+from support.inproc import TD, RunningServer, cleanup, free_socket_dir, make_config
+from support.nodeapi import Agent, csr_der, ec_key
 
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc

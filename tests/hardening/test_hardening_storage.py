@@ -9,26 +9,17 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_testlib import NOBODY, SYSTEM_PYTHON, VENV_SITE
-from hardening_support import PY, TD, ServerProc, run, short_dir, wait_for
+from hardening_support import server_proc
+from support.inproc import TD
+from support.procs import NOBODY, PY, SYSTEM_PYTHON, VENV_SITE, TesseraServer, run, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _exits_with_one_line(server: ServerProc, timeout: float = 30) -> str:
+def _exits_with_one_line(server: TesseraServer, timeout: float = 30) -> str:
     server.start()
     assert server.proc is not None
     try:
@@ -44,10 +35,10 @@ def _exits_with_one_line(server: ServerProc, timeout: float = 30) -> str:
     return lines[0]
 
 
-def _fresh_server(root: Path) -> tuple[ServerProc, str]:
-    server = ServerProc(root).start_and_wait()
-    bundle = server.cli("bundle", "show")
-    server.cli(
+def _fresh_server(root: Path) -> tuple[TesseraServer, str]:
+    server = server_proc(root).start_and_wait()
+    bundle = server.admin("bundle", "show")
+    server.admin(
         "entry", "create", "--spiffe-id", f"spiffe://{TD}/kept", "--parent-id", f"spiffe://{TD}/host/a",
         "--selector", "unix:uid:0",
     )  # fmt: skip
@@ -86,11 +77,11 @@ def test_a_locked_database_is_a_clear_error(root: Path) -> None:
     holder = sqlite3.connect(server.data_dir / "datastore.sqlite3", isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        line = _exits_with_one_line(ServerProc(root, port=server.port))
+        line = _exits_with_one_line(server_proc(root, port=server.port))
         assert "is locked by another process" in line and "another server" in line
     finally:
         holder.close()
-    ServerProc(root, port=server.port).start_and_wait().stop()  # and it starts once the lock is gone
+    server_proc(root, port=server.port).start_and_wait().stop()  # and it starts once the lock is gone
 
 
 def test_a_corrupted_database_is_refused(root: Path) -> None:
@@ -99,22 +90,22 @@ def test_a_corrupted_database_is_refused(root: Path) -> None:
     data = bytearray(db.read_bytes())
     data[100:4096] = os.urandom(3996)
     db.write_bytes(bytes(data))
-    line = _exits_with_one_line(ServerProc(root, port=server.port))
+    line = _exits_with_one_line(server_proc(root, port=server.port))
     assert "corrupt" in line and "refusing to use it" in line
 
 
 def test_a_removed_database_is_refused_never_an_empty_restart(root: Path) -> None:
     server, bundle = _fresh_server(root)
     (server.data_dir / "datastore.sqlite3").rename(root / "backup.sqlite3")
-    line = _exits_with_one_line(ServerProc(root, port=server.port))
+    line = _exits_with_one_line(server_proc(root, port=server.port))
     assert "datastore.sqlite3 is missing" in line and "restore" in line
     assert not (server.data_dir / "datastore.sqlite3").exists()
     # Restoring the backup brings everything back, with the same CA.
     (root / "backup.sqlite3").rename(server.data_dir / "datastore.sqlite3")
-    restarted = ServerProc(root, port=server.port).start_and_wait()
+    restarted = server_proc(root, port=server.port).start_and_wait()
     try:
-        assert restarted.cli("bundle", "show") == bundle
-        assert f"spiffe://{TD}/kept" in restarted.cli("entry", "show")
+        assert restarted.admin("bundle", "show") == bundle
+        assert f"spiffe://{TD}/kept" in restarted.admin("entry", "show")
     finally:
         restarted.stop()
 
@@ -122,12 +113,12 @@ def test_a_removed_database_is_refused_never_an_empty_restart(root: Path) -> Non
 def test_removed_ca_state_is_refused_never_a_silent_new_ca(root: Path) -> None:
     server, bundle = _fresh_server(root)
     shutil.move(server.data_dir / "ca", root / "ca-backup")
-    line = _exits_with_one_line(ServerProc(root, port=server.port))
+    line = _exits_with_one_line(server_proc(root, port=server.port))
     assert "CA state" in line and "missing" in line and "new CA" in line
     shutil.move(root / "ca-backup", server.data_dir / "ca")
-    restarted = ServerProc(root, port=server.port).start_and_wait()
+    restarted = server_proc(root, port=server.port).start_and_wait()
     try:
-        assert restarted.cli("bundle", "show") == bundle
+        assert restarted.admin("bundle", "show") == bundle
     finally:
         restarted.stop()
 
@@ -139,10 +130,7 @@ def test_a_full_disk_is_a_clear_error_and_the_server_stays_up(root: Path) -> Non
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        server = ServerProc(mount)
-        server.admin_socket = str(root / "admin-full" / "api.sock")
-        server.argv[server.argv.index("--socket") + 1] = server.admin_socket
-        server.log = root / "server-full.log"
+        server = server_proc(mount, admin_socket=str(root / "admin-full" / "api.sock"), log=root / "server-full.log")
         server.start_and_wait()
         try:
             with open(mount / "filler", "wb") as filler:

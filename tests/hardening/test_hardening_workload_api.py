@@ -13,9 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
-from hardening_support import TD, AgentProc, ServerProc, short_dir
+from hardening_support import agent_proc, server_proc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.inproc import TD
+from support.procs import TesseraAgent, short_dir
 
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.workloadapi.wire import SECURITY_METADATA, WorkloadApiStub
@@ -32,24 +34,24 @@ OK, INVALID, DENIED = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc
 
 @dataclass
 class World:
-    agent: AgentProc
+    agent: TesseraAgent
     stub: Any
     token: str
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    root = short_dir()
-    server = ServerProc(root)
-    agent: AgentProc | None = None
+    root = short_dir("thard-")
+    server = server_proc(root)
+    agent: TesseraAgent | None = None
     channel: grpc.Channel | None = None
     try:
         server.start_and_wait()
         server.write_bundle(root / "bundle.pem")
-        server.cli(
+        server.admin(
             "entry", "create", "--spiffe-id", f"spiffe://{TD}/wl", "--parent-id", AGENT_ID, "--selector", "unix:uid:0"
         )  # fmt: skip
-        agent = AgentProc(root, server, "agent", "--join-token", server.token(AGENT_ID)).start_and_wait()
+        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(AGENT_ID)).start_and_wait()
         channel = grpc.insecure_channel(f"unix:{agent.socket}")
         stub = WorkloadApiStub(channel)
         token = stub.FetchJWTSVID(wpb.JWTSVIDRequest(audience=["db"]), metadata=SECURITY_METADATA, timeout=30)

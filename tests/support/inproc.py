@@ -4,8 +4,11 @@ synchronous gRPC clients and direct access to the app's internals."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,10 +20,36 @@ from tessera.sdk.config import load_settings
 from tessera.server.app import ServerApp
 from tessera.server.config import SETTINGS, ServerConfig, build_config
 
+TD = "example.org"
+
 
 def server_config(**values: Any) -> ServerConfig:
     """A ServerConfig from settings as the [server] table of the config file would give them."""
     return build_config(load_settings("server", SETTINGS, None, values))
+
+
+def make_config(data_dir: Path, socket_path: Path, **overrides: Any) -> ServerConfig:
+    """The config of a test server for TD on a free port (``overrides``: more [server] settings)."""
+    values: dict[str, Any] = {
+        "trust_domain": TD,
+        "data_dir": str(data_dir),
+        "bind_address": "127.0.0.1:0",
+        "socket": str(socket_path),
+        # Every test agent attests from 127.0.0.1: the per-address limit is for real fleets (tests that check
+        # it pass a value).
+        "attestation_rate_limit": 0,
+    }
+    values.update({k: v for k, v in overrides.items()})
+    return server_config(**values)
+
+
+def free_socket_dir() -> Path:
+    """A fresh directory under /tmp for an admin socket (Unix socket paths must stay under 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="tsapi-", dir="/tmp"))
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class RunningServer:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 PY = sys.executable
 # A python another uid can run: the venv lives under /root, which `nobody` cannot enter, so children under
@@ -121,6 +121,11 @@ class Daemon:
         return self.proc.returncode
 
 
+def run(*argv: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """A command run to completion, its output captured as text; the caller judges its exit status."""
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
 def tessera(
     module: str, *args: str, sock: str, check: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -153,6 +158,11 @@ class _TesseraDaemon(Daemon):
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         wait_for(self.healthy, timeout, f"{self.name} healthy")
+
+    def start_and_wait(self, timeout: float = 60.0) -> Self:
+        self.start()
+        self.wait_healthy(timeout)
+        return self
 
 
 class TesseraServer(_TesseraDaemon):
