@@ -249,17 +249,14 @@ class TesseraAgent(_TesseraDaemon):
 
 
 def run_as(uid: int, script: str, *args: str, python: str = SYSTEM_PYTHON, timeout: float = 60) -> str:
-    """Runs ``script`` in a child process under ``uid`` (set before exec, so the kernel knows it); its stdout."""
+    """Runs ``script`` in a child process under ``uid`` (set before exec, so the kernel knows it); its stdout.
+    The ids are changed by subprocess itself, not by a preexec_fn: Python code between fork and exec can abort
+    the child when the test process has gRPC threads running."""
     prelude = f"import sys, site; site.addsitedir({VENV_SITE!r})\n"
-
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-
-    out = subprocess.run(
+    demote: dict[str, Any] = {} if uid == os.getuid() else {"user": uid, "group": uid, "extra_groups": []}
+    out: subprocess.CompletedProcess[str] = subprocess.run(
         [python, "-S", "-c", prelude + script, *args],
-        preexec_fn=demote if uid != os.getuid() else None,
+        **demote,
         capture_output=True,
         text=True,
         timeout=timeout,
