@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from tessera.agent.limits import ConcurrencyLimiter, StreamLimitExceeded
+from tessera.sdk.grpc import rewrap_handler
 
 log = logging.getLogger("tessera.agent.metrics")
 
@@ -182,19 +183,9 @@ class WorkloadApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not path.startswith(WORKLOAD_SERVICE):
             return handler
         method = path[len(WORKLOAD_SERVICE) :]
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(
+            handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b)
+        )
 
     def _record(self, method: str, context: Any, failed: BaseException | None) -> None:
         if self._metrics is None:

@@ -199,6 +199,24 @@ def current_peer_id() -> SpiffeId | None:
 # -- interceptors ----------------------------------------------------------------------------------------
 
 
+def rewrap_handler(
+    handler: Any,
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Any:
+    """A copy of a gRPC method handler (sync or aio) with its behaviour wrapped: ``unary`` wraps behaviours that
+    return one response (unary-unary, stream-unary), ``stream`` those that yield responses (unary-stream,
+    stream-stream). Interceptors that time, count, limit or authorize calls share this instead of each
+    re-implementing grpc's four handler constructors."""
+    return _rebuild(
+        handler,
+        unary_unary=handler.unary_unary and unary(handler.unary_unary),
+        stream_unary=handler.stream_unary and unary(handler.stream_unary),
+        unary_stream=handler.unary_stream and stream(handler.unary_stream),
+        stream_stream=handler.stream_stream and stream(handler.stream_stream),
+    )
+
+
 def _rebuild(handler: Any, **behaviours: Any) -> Any:
     if handler.unary_unary is not None:
         make, behaviour = grpc.unary_unary_rpc_method_handler, behaviours["unary_unary"]
@@ -248,13 +266,7 @@ class SpiffeServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
             return run
 
-        return _rebuild(
-            handler,
-            unary_unary=handler.unary_unary and unary(handler.unary_unary),
-            stream_unary=handler.stream_unary and unary(handler.stream_unary),
-            unary_stream=handler.unary_stream and _with_peer_stream(check, handler.unary_stream),
-            stream_stream=handler.stream_stream and _with_peer_stream(check, handler.stream_stream),
-        )
+        return rewrap_handler(handler, unary, lambda behaviour: _with_peer_stream(check, behaviour))
 
 
 def _with_peer_stream(check: Callable[[Any], SpiffeId], behaviour: Callable[..., Any]) -> Callable[..., Any]:

@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from tessera.sdk.grpc import rewrap_handler
 from tessera.server.limits import KeyedRateLimiter
 
 log = logging.getLogger("tessera.server.metrics")
@@ -217,19 +218,9 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method_path.startswith(NODE_SERVICE):
             return handler
         method = method_path[len(NODE_SERVICE) :]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(
+            handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b)
+        )
 
     async def _admit(self, method: str, request: Any, context: Any) -> None:
         """Aborts with RESOURCE_EXHAUSTED when a rate limit refuses the call."""
