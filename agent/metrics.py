@@ -15,20 +15,19 @@ past its rotation time). Labels never carry SPIFFE IDs, uids or pids (unbounded 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from tessera.agent.limits import ConcurrencyLimiter, StreamLimitExceeded
 from tessera.sdk.grpc import rewrap_handler
+from tessera.sdk.metrics import MetricsListener
 
 log = logging.getLogger("tessera.agent.metrics")
 
@@ -72,31 +71,6 @@ class AgentMetrics:
         self.sync_errors.labels("none")  # a series from the start (rate() of a missing series is not zero)
         for method in STREAM_METHODS:
             self.streams_open.labels(method)
-
-
-class MetricsListener:
-    """The ``/metrics`` HTTP endpoint on its own thread (prometheus-client's WSGI server)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, host: str, port: int) -> int:
-        server, thread = start_http_server(port, addr=host, registry=self._registry)
-        self._server, self._thread = server, thread
-        bound: int = server.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", bound)
-        return bound
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
 
 
 # ------------------------------------------------------------------------------------------ the sync

@@ -21,19 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from tessera.sdk.grpc import rewrap_handler
+from tessera.sdk.metrics import MetricsListener
 from tessera.server.limits import KeyedRateLimiter
 
 log = logging.getLogger("tessera.server.metrics")
@@ -85,32 +84,6 @@ class ServerMetrics:
 
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)
-
-
-class MetricsListener:
-    """The ``/metrics`` HTTP endpoint on its own thread (prometheus-client's WSGI server)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, host: str, port: int) -> int:
-        """Binds and serves; returns the bound port (``port`` 0 asks the kernel for one). Raises OSError."""
-        server, thread = start_http_server(port, addr=host, registry=self._registry)
-        self._server, self._thread = server, thread
-        bound: int = server.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", bound)
-        return bound
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
 
 
 # ------------------------------------------------------------------------------------------- the CA
