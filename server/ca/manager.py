@@ -568,10 +568,7 @@ class CaManager:
             prepared = slots.prepared
             if prepared is None:  # next_action never asks for this; activate() checks before calling
                 raise CaError("there is no prepared X.509 CA to activate")
-            old = slots.old
-            if slots.active is not None:
-                old = (*old, replace(slots.active, status=Status.OLD))
-            self._x509 = _Slots(active=replace(prepared, status=Status.ACTIVE), prepared=None, old=old)
+            self._x509 = _activated(slots, prepared)
             log.info("activated X.509 CA %s", prepared.key_id)
             return RotationEvent("x509", action, (prepared.key_id,))
         keep, gone = _prune(slots, now)
@@ -594,10 +591,7 @@ class CaManager:
             prepared = slots.prepared
             if prepared is None:
                 raise CaError("there is no prepared JWT key to activate")
-            old = slots.old
-            if slots.active is not None:
-                old = (*old, replace(slots.active, status=Status.OLD))
-            self._jwt = _Slots(active=replace(prepared, status=Status.ACTIVE), prepared=None, old=old)
+            self._jwt = _activated(slots, prepared)
             log.info("activated JWT key %s", prepared.kid)
             return RotationEvent("jwt", action, (prepared.kid,))
         keep, gone = _prune(slots, now)
@@ -877,6 +871,15 @@ def _slots_from(items: Sequence[A]) -> _Slots[A]:
     prepared = next((a for a in items if a.status is Status.PREPARED), None)
     old = tuple(a for a in items if a.status is Status.OLD)
     return _Slots(active=active, prepared=prepared, old=old)
+
+
+def _activated(slots: _Slots[A], prepared: A) -> _Slots[A]:
+    """The slots once ``prepared`` (the prepared authority) signs: the active one joins the old ones, which stay
+    in the bundle until they expire."""
+    old: list[A] = list(slots.old)
+    if slots.active is not None:
+        old.append(replace(slots.active, status=Status.OLD))
+    return _Slots(active=replace(prepared, status=Status.ACTIVE), prepared=None, old=tuple(old))
 
 
 def _prune(slots: _Slots[A], now: datetime) -> tuple[_Slots[A], list[A]]:
