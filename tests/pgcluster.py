@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from urllib.parse import quote
 
+from support.procs import as_user
+
 SUPERUSER = "tessera"
 
 
@@ -72,17 +74,15 @@ class PgCluster:
         uid, gid = self._run_as if self._run_as is not None else (None, None)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
+        demote = [] if uid is None else as_user(uid, gid)
         return subprocess.run(
-            [str(self.bin_dir / args[0]), *args[1:]],
+            [*demote, str(self.bin_dir / args[0]), *args[1:]],
             cwd=self.base,
             env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            user=uid,
-            group=gid,
-            extra_groups=None if uid is None else [],
         )
 
     def start(self) -> PgCluster:

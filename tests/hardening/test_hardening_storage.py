@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hardening_support import server_proc
 from support.inproc import TD
-from support.procs import NOBODY, PY, SYSTEM_PYTHON, VENV_SITE, TesseraServer, run, wait_for
+from support.procs import NOBODY, PY, SYSTEM_PYTHON, VENV_SITE, TesseraServer, as_user, run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +57,11 @@ def test_a_data_dir_the_server_user_cannot_write_is_a_clear_error(root: Path) ->
         f"import sys, site; site.addsitedir({VENV_SITE!r}); from tessera.server.cli import main; sys.exit(main())"
     )
     argv = [
-        SYSTEM_PYTHON, "-S", "-c", launcher, "run", "--trust-domain", TD, "--data-dir", str(data),
+        *as_user(NOBODY), SYSTEM_PYTHON, "-S", "-c", launcher, "run", "--trust-domain", TD, "--data-dir", str(data),
         "--bind-address", "127.0.0.1:0", "--socket", str(sockets / "admin" / "api.sock"),
     ]  # fmt: skip
 
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, preexec_fn=demote, cwd="/tmp", check=False)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/tmp", check=False)
     assert out.returncode == 1
     assert out.stderr.strip() == f"tessera-server: error: data_dir {data} is not writable: Permission denied"
     assert not any(data.iterdir())

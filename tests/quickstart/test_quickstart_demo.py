@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from quickstart_support import ROOT, processes_mentioning
-from support.procs import PY, wait_for
+from support.procs import PY, as_user, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -93,12 +93,6 @@ def readme_command() -> str:
 NOBODY = 65534
 
 
-def as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
 def ordinary_user_python() -> tuple[list[str], dict[str, str]] | None:
     """The system interpreter of this version, run as nobody, importing Tessera from this checkout and its
     dependencies from the virtualenv (whose own python may live where nobody cannot enter), or None."""
@@ -107,8 +101,8 @@ def ordinary_user_python() -> tuple[list[str], dict[str, str]] | None:
         return None
     env = {**os.environ, "HOME": "/tmp", "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
     probe = subprocess.run(
-        [python, "-c", "import tessera.sdk.grpc, tessera.server.cli, tessera.agent.cli"],
-        preexec_fn=as_nobody, env=env, cwd="/tmp", capture_output=True, timeout=60, check=False,
+        [*as_user(NOBODY), python, "-c", "import tessera.sdk.grpc, tessera.server.cli, tessera.agent.cli"],
+        env=env, cwd="/tmp", capture_output=True, timeout=60, check=False,
     )
     return ([python], env) if probe.returncode == 0 else None
 
@@ -129,8 +123,9 @@ def runs() -> Iterator[dict[str, Run]]:
         ordinary = ordinary_user_python()
         if ordinary is not None:
             python, env = ordinary
-            started["nobody"] = Run("demo as nobody", [*python, str(ROOT / "examples" / "demo.py")],
-                                    preexec_fn=as_nobody, env=env, cwd="/tmp")
+            started["nobody"] = Run(
+                "demo as nobody", [*as_user(NOBODY), *python, str(ROOT / "examples" / "demo.py")], env=env, cwd="/tmp"
+            )
         yield started
     finally:
         for run in started.values():

@@ -26,7 +26,7 @@ import psutil
 import pytest
 from cryptography import x509
 from quickstart_support import ROOT, TesseraEnv, processes_mentioning, require_binaries
-from support.procs import PY, Daemon, free_port, short_dir, wait_for
+from support.procs import PY, Daemon, as_user, free_port, short_dir, wait_for
 from support.web import QuietHandler
 
 from tessera.sdk.http import SpiffeHTTPServer, peer_spiffe_id
@@ -221,14 +221,11 @@ def web() -> Iterator[Web]:
         env.entry(CLIENT_ID, "unix:uid:0", f"unix:gid:{CLIENT_GID}", ttl="1h")
         env.start_agent()
 
-        def as_client() -> None:
-            os.setgroups([])
-            os.setgid(CLIENT_GID)
-
         client = root / "client"
         fetched = subprocess.run(
-            [PY, "-m", "tessera.agent", "api", "fetch", "x509", "--socket", env.socket, "--write", str(client)],
-            preexec_fn=as_client, capture_output=True, text=True, timeout=60, check=False,
+            [*as_user(0, CLIENT_GID), PY, "-m", "tessera.agent", "api", "fetch", "x509", "--socket", env.socket,
+             "--write", str(client)],
+            capture_output=True, text=True, timeout=60, check=False,
         )
         assert fetched.returncode == 0 and CLIENT_ID in fetched.stdout, fetched.stdout + fetched.stderr
 

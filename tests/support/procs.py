@@ -248,15 +248,26 @@ class TesseraAgent(_TesseraDaemon):
         super().__init__(name, [*argv, *extra], log, **daemon)
 
 
+def as_user(uid: int, gid: int | None = None, groups: Sequence[int] = ()) -> list[str]:
+    """An argv prefix that runs the command under ``uid`` / ``gid`` (default: ``uid``) with exactly ``groups``.
+
+    The ids are changed by ``setpriv`` after exec, never by the test process: ``subprocess``'s ``user=`` /
+    ``group=`` / ``preexec_fn`` make CPython use fork() instead of vfork(), which runs gRPC's fork handlers in
+    the child. With gRPC threads busy in the test process (open streams) the child then crashed before its
+    exec: SIGBUS, SIGSEGV or "Check failed: next_worker->state == KICKED", about one run in ten. A vfork()ed
+    child runs no fork handlers at all."""
+    gid = uid if gid is None else gid
+    groups_arg = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", groups_arg, "--"]
+
+
 def run_as(uid: int, script: str, *args: str, python: str = SYSTEM_PYTHON, timeout: float = 60) -> str:
-    """Runs ``script`` in a child process under ``uid`` (set before exec, so the kernel knows it); its stdout.
-    The ids are changed by subprocess itself, not by a preexec_fn: Python code between fork and exec can abort
-    the child when the test process has gRPC threads running."""
+    """Runs ``script`` in a child process under ``uid`` (set before the interpreter starts, so the kernel knows
+    it); its stdout."""
     prelude = f"import sys, site; site.addsitedir({VENV_SITE!r})\n"
-    demote: dict[str, Any] = {} if uid == os.getuid() else {"user": uid, "group": uid, "extra_groups": []}
+    demote = [] if uid == os.getuid() else as_user(uid)
     out: subprocess.CompletedProcess[str] = subprocess.run(
-        [python, "-S", "-c", prelude + script, *args],
-        **demote,
+        [*demote, python, "-S", "-c", prelude + script, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
