@@ -14,12 +14,17 @@ from typing import Any, Literal
 import grpc
 
 from tessera.proto import workload_pb2 as pb
+from tessera.sdk.rundir import describe_runtime_path, runtime_path
 
 SERVICE_NAME = "SpiffeWorkloadAPI"
 SECURITY_HEADER_KEY = "workload.spiffe.io"
 SECURITY_HEADER_VALUE = "true"
 SECURITY_METADATA: tuple[tuple[str, str], ...] = ((SECURITY_HEADER_KEY, SECURITY_HEADER_VALUE),)
 ENDPOINT_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+_AGENT_SOCKET_UNDER_RUN = "tessera-agent/public/api.sock"
+_AGENT_SOCKET_UNDER_HOME = "agent/api.sock"
+DEFAULT_SOCKET_RULE = describe_runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME)
+"""Where tessera-agent serves the Workload API when not told, in words (help texts, README)."""
 
 Kind = Literal["unary_unary", "unary_stream"]
 
@@ -93,6 +98,18 @@ class WorkloadApiStub:
     ValidateJWTSVID: Any
 
 
+def default_socket_path() -> str:
+    """The socket tessera-agent serves by default for this user (``/run/tessera-agent/public/api.sock`` as
+    root; see tessera.sdk.rundir): the daemon's default and the one its CLI and tessera-helper fall back to
+    when neither a flag nor ``SPIFFE_ENDPOINT_SOCKET`` names one."""
+    return runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME)
+
+
+def default_address() -> str:
+    """:func:`default_socket_path` as a Workload API address (``unix:///...``)."""
+    return "unix://" + default_socket_path()
+
+
 def endpoint_to_target(address: str) -> str:
     """Turns a Workload API address (``unix:///path``, ``unix:/path`` or a bare absolute path) into a
     gRPC target, refusing forms this implementation does not serve."""
@@ -105,9 +122,7 @@ def endpoint_to_target(address: str) -> str:
     elif address.startswith("tcp://"):
         return address[len("tcp://") :]
     else:
-        raise ValueError(
-            f"workload API address {address!r} must be unix:///absolute/path (or tcp://IP:port)"
-        )
+        raise ValueError(f"workload API address {address!r} must be unix:///absolute/path (or tcp://IP:port)")
     if not path.startswith("/"):
         raise ValueError(f"workload API address {address!r} must name an absolute socket path")
     return "unix:" + path

@@ -26,13 +26,13 @@ import contextlib
 import errno
 import logging
 import os
-import pwd
 import secrets
 import socket
 import stat
 from collections.abc import Callable
 
 from tessera._daemon.errors import SocketClaimError
+from tessera.sdk.files import describe_uid
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # ---------------------------------------------------------------------------------------------- pure checks
-
-
-def describe_uid(uid: int) -> str:
-    """``uid 65534 (nobody)``: the number the kernel checks and the name an operator recognises."""
-    try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def path_length_problem(path: str) -> str | None:
