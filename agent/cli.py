@@ -31,7 +31,7 @@ from tessera.sdk.workloadapi.wire import (
     SECURITY_METADATA,
     SERVICE_NAME,
     WorkloadApiStub,
-    default_socket_path,
+    client_socket_path,
     endpoint_to_target,
 )
 
@@ -41,7 +41,7 @@ class CliError(Exception):
 
 
 def _target(socket: str | None) -> str:
-    address = socket or os.environ.get(ENDPOINT_SOCKET_ENV) or default_socket_path()
+    address = socket or os.environ.get(ENDPOINT_SOCKET_ENV) or client_socket_path()
     try:
         return endpoint_to_target(address)
     except ValueError as exc:
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--socket",
             default=None,
-            help=f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {default_socket_path()})",
+            help=f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {client_socket_path()})",
         )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent")
 

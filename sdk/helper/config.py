@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tessera.sdk.config import ConfigError, Setting, add_arguments, load_settings, read_config_file
-from tessera.sdk.workloadapi.wire import DEFAULT_SOCKET_RULE, ENDPOINT_SOCKET_ENV, default_address
+from tessera.sdk.workloadapi.wire import CLIENT_SOCKET_RULE, ENDPOINT_SOCKET_ENV, default_address
 
-_ADDRESS_HELP = f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else unix:// + {DEFAULT_SOCKET_RULE})"
+_ADDRESS_HELP = f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {CLIENT_SOCKET_RULE})"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("agent_address", "str", help=_ADDRESS_HELP),

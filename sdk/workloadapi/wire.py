@@ -7,6 +7,7 @@ module is the one place that maps the two, for both the agent's server and the S
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +26,11 @@ _AGENT_SOCKET_UNDER_RUN = "tessera-agent/public/api.sock"
 _AGENT_SOCKET_UNDER_HOME = "agent/api.sock"
 DEFAULT_SOCKET_RULE = describe_runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME)
 """Where tessera-agent serves the Workload API when not told, in words (help texts, README)."""
+CLIENT_SOCKET_RULE = (
+    f"the socket of an agent run by the same user if there is one ({DEFAULT_SOCKET_RULE}), "
+    f"else /run/{_AGENT_SOCKET_UNDER_RUN}"
+)
+"""Which socket clients call when not told, in words."""
 
 Kind = Literal["unary_unary", "unary_stream"]
 
@@ -98,16 +104,24 @@ class WorkloadApiStub:
     ValidateJWTSVID: Any
 
 
-def default_socket_path() -> str:
-    """The socket tessera-agent serves by default for this user (``/run/tessera-agent/public/api.sock`` as
-    root; see tessera.sdk.rundir): the daemon's default and the one its CLI and tessera-helper fall back to
-    when neither a flag nor ``SPIFFE_ENDPOINT_SOCKET`` names one."""
-    return runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME)
+def default_socket_path(*, euid: int | None = None) -> str:
+    """The socket tessera-agent serves by default when run by ``euid`` (this process's by default):
+    ``/run/tessera-agent/public/api.sock`` as root, else a directory of the user's own (tessera.sdk.rundir)."""
+    return runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME, euid=euid)
+
+
+def client_socket_path() -> str:
+    """The socket a client (``tessera-agent api ...``, ``healthcheck``, tessera-helper) calls when neither a
+    flag nor ``SPIFFE_ENDPOINT_SOCKET`` names one: an agent this user runs itself when its socket exists, else
+    the host's agent (root's default; a workload usually runs as another user than the agent)."""
+    own = default_socket_path()
+    system = default_socket_path(euid=0)
+    return own if own == system or os.path.exists(own) else system
 
 
 def default_address() -> str:
-    """:func:`default_socket_path` as a Workload API address (``unix:///...``)."""
-    return "unix://" + default_socket_path()
+    """:func:`client_socket_path` as a Workload API address (``unix:///...``)."""
+    return "unix://" + client_socket_path()
 
 
 def endpoint_to_target(address: str) -> str:
