@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_testlib import add, entry, issue, make_cache, socket_dir, start_endpoint, stop_endpoint
 
 from tessera.agent.cache import WorkloadCache
@@ -127,3 +128,14 @@ def test_shipped_example_config_is_accepted() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "agent.toml"
     settings = AgentSettings.from_values(load_settings("agent", SETTINGS, example, {}))
     assert settings.node.server_addresses and settings.socket.endswith("api.sock")
+
+
+def test_the_workload_api_socket_defaults_out_of_tmp_and_is_checked_for_length() -> None:
+    from tessera.agent.daemon import SETTINGS, AgentSettings
+    from tessera.sdk.config import ConfigError, load_settings
+
+    base = {"trust_domain": "example.org", "server_address": "127.0.0.1:1"}
+    settings = AgentSettings.from_values(load_settings("agent", SETTINGS, None, base))
+    assert settings.socket == "/run/tessera-agent/public/api.sock"  # as root
+    with pytest.raises(ConfigError, match=r"^socket: .*\.XXXXXXXX/s"):
+        AgentSettings.from_values(load_settings("agent", SETTINGS, None, {**base, "socket": "/" + "d" * 96 + "/s"}))
