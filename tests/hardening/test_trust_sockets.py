@@ -42,18 +42,17 @@ pytestmark = pytest.mark.slow
 
 START_TIMEOUT = 45.0
 
-# Runs as nobody until killed: keeps replacing ``path`` by a symlink to ``victim`` (what won the race against
-# bind-then-chmod); prints "planted" each time a symlink went in.
+# Runs as nobody until killed: the moment a socket appears at ``path``, replaces it by a symlink to ``victim``
+# (what won the race against bind-then-chmod: root's chmod followed the link); prints "planted" each time.
 SWAPPER = """
-import os, sys
+import os, stat, sys
 path, victim = sys.argv[1], sys.argv[2]
 print("ready", flush=True)
 while True:
     try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            continue
         os.unlink(path)
-    except OSError:
-        pass
-    try:
         os.symlink(victim, path)
         print("planted", flush=True)
     except OSError:
@@ -100,14 +99,15 @@ def base() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def victim() -> Iterator[Path]:
-    """A root-owned 0600 file the attacker would like root to chmod (in a directory nobody may enter)."""
+@pytest.fixture(params=[0o600, 0o644], ids=["victim-0600", "victim-0644"])
+def victim(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A root-owned file the attacker would like root to chmod, in a directory nobody may enter: 0600 (a
+    shadow file the agent's 0777 would open to all) and 0644 (a file the server's 0600 would take away)."""
     directory = Path(short_dir("ttv-"))
     os.chmod(directory, 0o700)
     path = directory / "shadow"
     path.write_text("root:secret\n")
-    os.chmod(path, 0o600)
+    os.chmod(path, request.param)
     try:
         yield path
     finally:
@@ -153,15 +153,19 @@ def with_umask(umask: int, argv: list[str]) -> list[str]:
     return ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", *argv]
 
 
-def refused(argv: list[str], directory: Path, owner: str) -> str:
-    """Runs a daemon that must refuse to start: exit 1, the last line naming ``directory`` and ``owner``."""
-    out = run(*argv, timeout=START_TIMEOUT)
-    lines = out.stderr.strip().splitlines()
+def refusal(out: subprocess.CompletedProcess[str], directory: Path, owner: str) -> str:
+    """The daemon refused to start: exit 1, its last line naming ``directory`` and ``owner``."""
     assert out.returncode == 1, f"expected a refusal, got {out.returncode}:\n{out.stderr[-3000:]}"
+    lines = out.stderr.strip().splitlines()
     assert lines, "no error line"
     line = lines[-1]
     assert f"socket directory {directory}" in line and owner in line, line
     return line
+
+
+def refused(argv: list[str], directory: Path, owner: str) -> str:
+    """Runs a daemon that must refuse to start (see :func:`refusal`)."""
+    return refusal(run(*argv, timeout=START_TIMEOUT), directory, owner)
 
 
 def socket_up(path: Path, daemon: Daemon) -> bool:
@@ -173,9 +177,9 @@ def socket_up(path: Path, daemon: Daemon) -> bool:
         return False
 
 
-def unchanged(victim: Path) -> None:
+def unchanged(victim: Path, mode: int) -> None:
     st = os.lstat(victim)
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0, oct(st.st_mode)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, 0), f"the victim is now {stat.S_IMODE(st.st_mode):04o}"
     assert victim.read_text() == "root:secret\n"
 
 
@@ -186,25 +190,38 @@ def unchanged(victim: Path) -> None:
 def test_symlink_race_in_a_squatted_directory_is_refused_and_no_file_changes_mode(
     base: Path, victim: Path, daemon: str
 ) -> None:
+    mode = stat.S_IMODE(os.lstat(victim).st_mode)
     squatted = base / daemon
     nobody_mkdir(squatted)
     sock = squatted / "api.sock"
     swapper = nobody_daemon("swapper", SWAPPER, base / "swapper.log", str(sock), str(victim))
     try:
-        wait_for(lambda: "planted" in swapper.output(), 30, "the attacker swapping symlinks in")
+        wait_for(lambda: "ready" in swapper.output(), 30, "the attacker's loop")
         argv = agent_argv(base / "data", sock) if daemon == "agent" else server_argv(base / "data", sock)
-        line = refused(argv, squatted, "uid 65534 (nobody)")
+        proc = Daemon(daemon, argv, base / f"{daemon}.log").start()
+
+        def over() -> bool:  # refused (exited), or the attack won
+            return not proc.alive() or stat.S_IMODE(os.lstat(victim).st_mode) != mode
+
+        try:
+            wait_for(over, START_TIMEOUT, f"{daemon} to refuse the directory")
+            unchanged(victim, mode)
+        finally:
+            status = proc.stop()
+        out = subprocess.CompletedProcess(argv, status or 0, "", proc.output())
+        line = refusal(out, squatted, "uid 65534 (nobody)")
         assert "not by this daemon (uid 0)" in line
-        unchanged(victim)
     finally:
         swapper.stop()
-    unchanged(victim)
+    unchanged(victim, mode)
+    assert "planted" not in swapper.output()  # no socket of root's ever appeared in their directory
 
 
 @pytest.mark.parametrize(("daemon", "mode", "nobody_connects"), [("agent", 0o777, "OK"), ("server", 0o600, "EACCES")])
 def test_in_its_own_directory_the_socket_has_its_mode_at_bind_time_and_the_attacker_cannot_get_in(
     base: Path, victim: Path, daemon: str, mode: int, nobody_connects: str
 ) -> None:
+    victim_mode = stat.S_IMODE(os.lstat(victim).st_mode)
     own = base / daemon
     sock = own / "api.sock"
     # The attacker races from outside: the directory the daemon makes is not theirs to write.
@@ -228,7 +245,7 @@ def test_in_its_own_directory_the_socket_has_its_mode_at_bind_time_and_the_attac
         assert proc.stop() == 0, proc.output()[-3000:]
     assert "planted" not in swapper.output()
     assert not os.path.lexists(sock)  # removed on stop: it was still ours
-    unchanged(victim)
+    unchanged(victim, victim_mode)
 
 
 # ----------------------------------------------------------------------------------- item 2: squatted directories
