@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,26 @@ def test_fetch_via_env_socket_write_json_and_healthcheck(tmp_path: Path) -> None
         assert out.returncode == 0 and "healthy" in out.stdout
 
     _with_endpoint(cache, body)
+
+
+def test_fetch_write_makes_a_private_directory_under_a_permissive_umask(tmp_path: Path) -> None:
+    ca = TestCA()
+    cache = make_cache(ca)
+    add(cache, ca, entry("e1", ca, "/cli", [ME]))
+    target = tmp_path / "new" / "ids"
+
+    async def body(path: str) -> None:
+        argv = [sys.executable, "-m", "tessera.agent", "api", "fetch", "x509", "--write", str(target), "--socket", path]
+        out = await asyncio.to_thread(
+            subprocess.run, ["sh", "-c", 'umask 000; exec "$@"', "sh", *argv], capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+    _with_endpoint(cache, body)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert modes == {"svid.0.pem": 0o644, "svid.0.key": 0o600, "bundle.0.pem": 0o644}
 
 
 def test_watch_prints_each_rotation() -> None:
