@@ -155,10 +155,6 @@ def _prefixes(directory: str) -> list[str]:
     return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _refuse(message: str) -> SocketClaimError:
-    return SocketClaimError(message)
-
-
 def _check_written_path(directory: str, euid: int) -> None:
     """The path as the operator wrote it, symlinks and all (lstat): each parent that exists, and the socket
     directory itself when it exists (it must not be a symlink, wherever it points)."""
@@ -169,34 +165,34 @@ def _check_written_path(directory: str, euid: int) -> None:
         except FileNotFoundError:
             return  # the rest is created below, by the daemon
         except OSError as exc:
-            raise _refuse(f"socket directory {directory}: cannot inspect {ancestor}: {exc.strerror}") from None
+            raise SocketClaimError(f"socket directory {directory}: cannot inspect {ancestor}: {exc.strerror}") from None
         problem = ancestor_problem(directory, ancestor, st.st_mode, st.st_uid, euid)
         if problem:
-            raise _refuse(problem)
+            raise SocketClaimError(problem)
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _refuse(f"socket directory {directory}: cannot inspect it: {exc.strerror}") from None
+        raise SocketClaimError(f"socket directory {directory}: cannot inspect it: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
         target = os.path.realpath(directory)
         try:
-            owner = describe_uid(os.stat(directory).st_uid)
+            where = f"{target} (owned by {describe_uid(os.stat(directory).st_uid)})"
         except OSError:
-            owner = "nobody known (it leads nowhere)"
-        raise _refuse(
-            f"socket directory {directory} is a symbolic link to {target} (owned by {owner}); give --socket a "
-            f"path in a real directory owned by this daemon (uid {euid})"
+            where = f"{target} (which does not exist)"
+        raise SocketClaimError(
+            f"socket directory {directory} is a symbolic link (owned by {describe_uid(st.st_uid)}) to {where}; "
+            f"give --socket a path in a real directory owned by this daemon (uid {euid})"
         )
 
 
-def _open_child(parent_fd: int, name: str, path: str, directory: str, mode: int, euid: int) -> tuple[int, bool]:
+def _open_child(parent_fd: int, name: str, path: str, directory: str, mode: int, euid: int) -> int:
     """Opens ``name`` under ``parent_fd`` without following a link, making it first (``mode``, owned by this
-    daemon) when it does not exist. Returns the descriptor and whether this call made the directory."""
+    daemon) when it does not exist; whoever made it, the caller judges what it opened."""
     created = False
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd), created
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -207,7 +203,7 @@ def _open_child(parent_fd: int, name: str, path: str, directory: str, mode: int,
     except FileExistsError:
         pass  # someone made it meanwhile: it is judged below like any directory that was already there
     except OSError as exc:
-        raise _refuse(f"socket directory {directory}: cannot create {path}: {exc.strerror}") from None
+        raise SocketClaimError(f"socket directory {directory}: cannot create {path}: {exc.strerror}") from None
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
@@ -216,10 +212,10 @@ def _open_child(parent_fd: int, name: str, path: str, directory: str, mode: int,
         st = os.fstat(fd)
         if st.st_uid != euid:  # cannot happen for a directory this process just made; never trust that
             os.close(fd)
-            raise _refuse(f"socket directory {directory}: {path} changed hands while being created")
+            raise SocketClaimError(f"socket directory {directory}: {path} changed hands while being created")
         os.fchmod(fd, mode)
         log.info("created %s (mode %04o)", path, mode)
-    return fd, created
+    return fd
 
 
 def _not_a_directory(exc: OSError, parent_fd: int, name: str, path: str, directory: str) -> SocketClaimError:
@@ -227,13 +223,13 @@ def _not_a_directory(exc: OSError, parent_fd: int, name: str, path: str, directo
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except OSError:
-            return _refuse(f"socket directory {directory}: {path} is not a directory")
+            return SocketClaimError(f"socket directory {directory}: {path} is not a directory")
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-        return _refuse(
+        return SocketClaimError(
             f"socket directory {directory}: {path} is {kind} (owned by {describe_uid(st.st_uid)}); "
             "choose another --socket"
         )
-    return _refuse(f"socket directory {directory}: cannot open {path}: {exc.strerror}")
+    return SocketClaimError(f"socket directory {directory}: cannot open {path}: {exc.strerror}")
 
 
 def open_socket_dir(directory: str, dir_mode: int, euid: int | None = None) -> int:
@@ -250,7 +246,7 @@ def open_socket_dir(directory: str, dir_mode: int, euid: int | None = None) -> i
             last = index == len(chain) - 1
             if index > 0:
                 mode = dir_mode if last else PARENT_DIR_MODE
-                child, _ = _open_child(fd, os.path.basename(path), path, directory, mode, euid)
+                child = _open_child(fd, os.path.basename(path), path, directory, mode, euid)
                 os.close(fd)
                 fd = child
             st = os.fstat(fd)
@@ -259,7 +255,7 @@ def open_socket_dir(directory: str, dir_mode: int, euid: int | None = None) -> i
             else:
                 problem = ancestor_problem(directory, path, st.st_mode, st.st_uid, euid)
             if problem:
-                raise _refuse(problem)
+                raise SocketClaimError(problem)
         return fd
     except BaseException:
         os.close(fd)
@@ -314,15 +310,15 @@ class PendingSocket:
         try:
             st = os.stat(_STAGED_NAME, dir_fd=self._staging_fd, follow_symlinks=False)
         except FileNotFoundError:
-            raise _refuse(f"socket {self.path}: nothing was bound at {self.bind_path}") from None
+            raise SocketClaimError(f"socket {self.path}: nothing was bound at {self.bind_path}") from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise _refuse(f"socket {self.path}: {self.bind_path} is not a socket")
+            raise SocketClaimError(f"socket {self.path}: {self.bind_path} is not a socket")
         try:
             # fchmodat(AT_SYMLINK_NOFOLLOW) relative to the staging directory's descriptor: a name in a
             # directory only this process can write, and never a link followed. Not a chmod by path.
             os.chmod(_STAGED_NAME, self._mode, dir_fd=self._staging_fd, follow_symlinks=False)
         except (OSError, NotImplementedError) as exc:
-            raise _refuse(f"socket {self.path}: cannot set its mode: {exc}") from None
+            raise SocketClaimError(f"socket {self.path}: cannot set its mode: {exc}") from None
         st = os.stat(_STAGED_NAME, dir_fd=self._staging_fd, follow_symlinks=False)
         identity = (st.st_dev, st.st_ino)
         os.rename(_STAGED_NAME, self._name, src_dir_fd=self._staging_fd, dst_dir_fd=self._dir_fd)
@@ -359,7 +355,7 @@ def _refuse_taken(dir_fd: int, name: str, path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise _refuse(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise SocketClaimError(f"{path} exists and is not a socket; remove it or choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -368,10 +364,12 @@ def _refuse_taken(dir_fd: int, name: str, path: str) -> None:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             log.info("replacing stale socket %s", path)
             return
-        raise _refuse(f"cannot check whether {path} is in use: {exc.strerror or exc}") from None
+        raise SocketClaimError(f"cannot check whether {path} is in use: {exc.strerror or exc}") from None
     finally:
         probe.close()
-    raise _refuse(f"socket {path} is in use: another process is listening on it; stop it or choose another --socket")
+    raise SocketClaimError(
+        f"socket {path} is in use: another process is listening on it; stop it or choose another --socket"
+    )
 
 
 def _make_staging_dir(dir_fd: int, path: str) -> tuple[str, int]:
@@ -383,11 +381,11 @@ def _make_staging_dir(dir_fd: int, path: str) -> tuple[str, int]:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise _refuse(f"socket {path}: cannot create a staging directory: {exc.strerror}") from None
+            raise SocketClaimError(f"socket {path}: cannot create a staging directory: {exc.strerror}") from None
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         os.fchmod(fd, 0o700)  # the umask may have narrowed it past what binding needs
         return name, fd
-    raise _refuse(f"socket {path}: no free staging directory name after 16 tries")
+    raise SocketClaimError(f"socket {path}: no free staging directory name after 16 tries")
 
 
 def begin_claim(path: str, *, dir_mode: int, socket_mode: int) -> PendingSocket:
@@ -396,7 +394,7 @@ def begin_claim(path: str, *, dir_mode: int, socket_mode: int) -> PendingSocket:
     path = os.path.normpath(os.path.abspath(path))
     problem = path_length_problem(path)
     if problem:
-        raise _refuse(problem)
+        raise SocketClaimError(problem)
     directory, name = os.path.split(path)
     dir_fd = open_socket_dir(directory, dir_mode)
     try:
@@ -409,7 +407,7 @@ def begin_claim(path: str, *, dir_mode: int, socket_mode: int) -> PendingSocket:
     pending = PendingSocket(path, dir_fd, name, staging, bind_path, socket_mode)
     if len(bind_path.encode()) > MAX_PATH_BYTES:  # the resolved directory can be longer than the one written
         pending.abort()
-        raise _refuse(f"socket {path}: its staging path {bind_path} is longer than {MAX_PATH_BYTES} bytes")
+        raise SocketClaimError(f"socket {path}: its staging path {bind_path} is longer than {MAX_PATH_BYTES} bytes")
     return pending
 
 
