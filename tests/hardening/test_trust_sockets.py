@@ -351,6 +351,31 @@ def test_the_admin_cli_sends_nothing_to_a_socket_another_user_owns(base: Path) -
         fake.stop()
 
 
+def test_a_non_root_agent_without_socket_serves_in_its_own_runtime_directory(base: Path) -> None:
+    runtime = base / "run-user"
+    nobody_mkdir(runtime, 0o700)  # what logind makes for a user: $XDG_RUNTIME_DIR, theirs, 0700
+    data = base / "data"
+    nobody_mkdir(data, 0o700)
+    launcher = f"import sys, site; site.addsitedir({VENV_SITE!r}); from tessera.agent.cli import main; sys.exit(main())"
+    argv = [
+        *as_user(NOBODY), SYSTEM_PYTHON, "-S", "-c", launcher, "run", "--trust-domain", TD,
+        "--server-address", f"127.0.0.1:{free_port()}", "--insecure-bootstrap", "--join-token", "not-used",
+        "--data-dir", str(data / "agent"),
+    ]  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "XDG_RUNTIME_DIR": str(runtime)}
+    agent = Daemon("agent-as-nobody", argv, base / "agent.log", env=env).start()
+    sock = runtime / "tessera-agent" / "public" / "api.sock"
+    try:
+        wait_for(lambda: socket_up(sock, agent), START_TIMEOUT, "the agent's default socket")
+        for path, mode in ((sock, 0o777), (sock.parent, 0o755), (sock.parent.parent, 0o755)):
+            st = os.lstat(path)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, NOBODY), path
+        assert connect_as(NOBODY, sock) == "OK"
+    finally:
+        assert agent.stop() == 0, agent.output()[-3000:]
+    assert not os.path.lexists(sock)
+
+
 # ---------------------------------------------------------------------------------- item 9: fetch --write DIR
 
 
