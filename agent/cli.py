@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tessera.agent.daemon import DEFAULT_SOCKET, SETTINGS, AgentSettings, run_agent
+from tessera.agent.daemon import SETTINGS, AgentSettings, run_agent
 from tessera.agent.errors import AgentError
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.config import ConfigError, add_arguments, load_settings
 from tessera.sdk.errors import TesseraError
-from tessera.sdk.files import write_atomic
+from tessera.sdk.files import PRIVATE_DIR_MODE, ensure_owned_dir, write_atomic
 from tessera.sdk.logs import setup_logging
 from tessera.sdk.svid import certificates_to_pem, parse_der_certificates
 from tessera.sdk.workloadapi.wire import (
@@ -31,6 +31,7 @@ from tessera.sdk.workloadapi.wire import (
     SECURITY_METADATA,
     SERVICE_NAME,
     WorkloadApiStub,
+    client_socket_path,
     endpoint_to_target,
 )
 
@@ -40,7 +41,7 @@ class CliError(Exception):
 
 
 def _target(socket: str | None) -> str:
-    address = socket or os.environ.get(ENDPOINT_SOCKET_ENV) or DEFAULT_SOCKET
+    address = socket or os.environ.get(ENDPOINT_SOCKET_ENV) or client_socket_path()
     try:
         return endpoint_to_target(address)
     except ValueError as exc:
@@ -95,7 +96,6 @@ def _print_x509(response: Any, output: str) -> None:
 
 def _write_x509(response: Any, directory: str) -> None:
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     for i, svid in enumerate(response.svids):
         chain = parse_der_certificates(svid.x509_svid)
         key = load_der_private_key(svid.x509_svid_key, None)
@@ -110,6 +110,10 @@ def _write_x509(response: Any, directory: str) -> None:
 
 def cmd_fetch_x509(args: argparse.Namespace) -> int:
     target = _target(args.socket)
+    if args.write:
+        # Made 0700 whatever the umask, or checked to be ours and writable by us alone, before any key is
+        # fetched: a directory another user controls could hand our key files to them.
+        ensure_owned_dir(args.write, PRIVATE_DIR_MODE)
     with grpc.insecure_channel(target) as channel:
         stub = WorkloadApiStub(channel)
         try:
@@ -219,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--socket", default=None, help=f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV} or {DEFAULT_SOCKET})"
+            "--socket",
+            default=None,
+            help=f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {client_socket_path()})",
         )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tessera._daemon.sockets import path_length_problem
 from tessera.agent.attestors import default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
@@ -29,10 +30,9 @@ from tessera.agent.sync import SyncLoop
 from tessera.sdk.config import ConfigError, Setting
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.spiffeid import TrustDomain
+from tessera.sdk.workloadapi.wire import DEFAULT_SOCKET_RULE, default_socket_path
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SOCKET = "/tmp/tessera-agent/public/api.sock"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("trust_domain", "str", required=True, help="trust domain served by the server, e.g. example.org"),
@@ -44,7 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("x509pop_key", "path", help="host private key (PEM) for x509pop node attestation"),
     Setting("server_name", "str", help="TLS name to verify the server as (default: host of the address)"),
     Setting("data_dir", "path", "./.tessera/agent", help="where the agent keeps its SVID and bundle"),
-    Setting("socket", "path", DEFAULT_SOCKET, help="Workload API socket path"),
+    Setting("socket", "path", None, help=f"Workload API socket path (default: {DEFAULT_SOCKET_RULE})"),
     Setting("sync_interval", "duration", 5.0, help="seconds between syncs with the server"),
     Setting("sync_max_backoff", "duration", 300.0, help="longest wait between sync attempts while unreachable"),
     Setting("x509_svid_cache_max_size", "int", 1000, help="soft cap on cached SVIDs no workload is watching"),
@@ -106,13 +106,23 @@ class AgentSettings:
                 x509pop_key=values["x509pop_key"],
                 server_name=values["server_name"],
             ),
-            socket=str(Path(values["socket"]).absolute()),
+            socket=_socket_path(values["socket"]),
             sync_interval=float(values["sync_interval"]),
             sync_max_backoff=float(values["sync_max_backoff"]),
             cache_max=int(values["x509_svid_cache_max_size"]),
             metrics_address=metrics_address,
             max_streams_per_caller=max_streams,
         )
+
+
+def _socket_path(value: str | None) -> str:
+    """The Workload API socket: the setting, else this user's default; checked for length up front so an
+    over-long path stops start-up here rather than at bind time (the staging path is longer still)."""
+    path = str(Path(value or default_socket_path()).absolute())
+    problem = path_length_problem(path)
+    if problem:
+        raise ConfigError(f"socket: {problem}")
+    return path
 
 
 def _host_port(text: str | None, key: str) -> tuple[str, int] | None:
@@ -137,9 +147,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.metrics_port = 0
-        self.cache = WorkloadCache(
-            settings.node.trust_domain.id_string, max_unwatched_svids=settings.cache_max
-        )
+        self.cache = WorkloadCache(settings.node.trust_domain.id_string, max_unwatched_svids=settings.cache_max)
         self.node = NodeClient(settings.node)
         self.sync = SyncLoop(
             self.node, self.cache, interval=settings.sync_interval, max_backoff=settings.sync_max_backoff

@@ -5,7 +5,7 @@ It never sees a certificate file. It asks the local Tessera agent "who am I?" ov
 when the caller's SPIFFE ID is the one it was told to trust (``--allow``). Run it under the demo
 (``examples/demo.py``), or on its own next to an agent::
 
-    SPIFFE_ENDPOINT_SOCKET=unix:///tmp/tessera-agent/public/api.sock \\
+    SPIFFE_ENDPOINT_SOCKET=unix:///run/tessera-agent/public/api.sock \\
         python examples/backend.py --allow spiffe://demo.test/frontend
 
 It reports what happens as JSON lines on stdout (``{"event": ..., "text": ...}``) so the demo can narrate them.

@@ -34,3 +34,8 @@ class AuthorizationError(TesseraError):
 
 class WorkloadApiError(TesseraError):
     """The Workload API could not be reached or refused the call."""
+
+
+class UnsafeDirectoryError(TesseraError):
+    """A directory meant for key material (or a socket) is not a real directory of the caller's own that only
+    it can write: whoever else controls it controls which files a reader finds there."""

@@ -10,10 +10,14 @@ tighten it), flushed to disk, renamed over the target, and the rename made durab
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import pwd
 import secrets
 import stat
 from pathlib import Path
+
+from tessera.sdk.errors import UnsafeDirectoryError
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -56,6 +60,59 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> None:
         raise NotADirectoryError(f"{directory} is not a directory")
     if stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
         os.chmod(directory, PRIVATE_DIR_MODE)
+
+
+def describe_uid(uid: int) -> str:
+    """``uid 65534 (nobody)``: the number the kernel checks and the name an operator recognises."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def ensure_owned_dir(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE) -> None:
+    """Makes ``path`` with exactly ``mode`` when it is missing, or checks that the directory there is the
+    caller's own and that nobody else can write in it, before key files go into it.
+
+    The new directory's mode is set through its descriptor (``fchmod``), so a permissive umask (000) cannot
+    loosen it, and no chmod by path can follow a planted link. Missing parents are made like ``mkdir -p``
+    (0755 at most). An existing directory keeps its mode (the operator chose it); a symlink, another user's
+    directory, or one that group or others may write is refused with UnsafeDirectoryError, one line naming
+    the directory and its owner.
+    """
+    directory = os.path.abspath(path)
+    os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)
+    created = False
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, PRIVATE_DIR_MODE)  # the umask can only narrow it; fchmod below sets it exactly
+        created = True
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        st = os.lstat(directory)
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UnsafeDirectoryError(
+            f"{directory} is {kind} (owned by {describe_uid(st.st_uid)}); give a real directory of your own"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            raise UnsafeDirectoryError(
+                f"{directory} is owned by {describe_uid(st.st_uid)}, not by you (uid {euid}); remove it or "
+                "choose another directory"
+            )
+        if created:
+            os.fchmod(fd, mode)
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeDirectoryError(
+                f"{directory} (owned by {describe_uid(st.st_uid)}) is writable by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); make it writable by you only or choose another directory"
+            )
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

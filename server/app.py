@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from tessera._daemon.errors import SocketClaimError
+from tessera._daemon.sockets import PRIVATE_DIR_MODE, PRIVATE_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
@@ -119,28 +120,21 @@ def _check_data_dir(path: Path) -> None:
         raise StartupError(f"data_dir {path} is not writable: {exc.strerror or exc}") from None
 
 
-def _prepare_socket(path: Path) -> None:
-    """Creates the socket's directory 0700 (an existing one is left as it is: it may be shared, like /tmp) and
-    removes a stale socket, refusing when a live server answers on it."""
-    directory = path.parent
-    if not directory.exists():
-        try:
-            directory.mkdir(parents=True, mode=0o700)
-        except OSError as exc:
-            raise StartupError(f"socket: cannot create directory {directory}: {exc.strerror or exc}") from None
-    elif directory.stat().st_mode & 0o077:
-        log.warning("admin socket directory %s is accessible to other users; use a private (0700) directory", directory)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens
-        else:
-            raise StartupError(f"socket {path} is in use: another tessera-server is running")
-        finally:
-            probe.close()
+def _claim_admin_socket(path: Path, server: grpc.aio.Server) -> ClaimedSocket:
+    """Binds the admin API on ``path`` through tessera._daemon.sockets: the directory is the server's own (made
+    0700 when missing), the socket is 0600 from the moment it has its name, and a live server on the path is
+    never replaced. Every refusal is one StartupError line naming the directory and its owner."""
+
+    def bind(staging_path: str) -> None:
+        if not server.add_insecure_port(f"unix:{staging_path}"):
+            raise StartupError(f"socket {path}: cannot bind the admin API")
+
+    try:
+        return claim_socket(str(path), bind, dir_mode=PRIVATE_DIR_MODE, socket_mode=PRIVATE_SOCKET_MODE)
+    except SocketClaimError as exc:
+        raise StartupError(str(exc)) from None
+    except RuntimeError as exc:  # grpc's failure to bind
+        raise StartupError(f"socket {path}: cannot bind the admin API: {exc}") from None
 
 
 class ServerApp:
@@ -165,7 +159,7 @@ class ServerApp:
         self._web_files: WebCertificateFiles | None = None
         self._last_prune = 0.0
         self._crls_pem = b""
-        self._socket_bound = False
+        self._admin_socket: ClaimedSocket | None = None
         # Prometheus metrics only when a listener is configured (metrics_bind_address).
         self._metrics: ServerMetrics | None = ServerMetrics() if config.ops.metrics_host is not None else None
         self._metrics_listener: MetricsListener | None = None
@@ -430,15 +424,12 @@ class ServerApp:
         self._inner.add_insecure_port(f"unix:{inner_socket}")
         await self._inner.start()
 
-        _prepare_socket(cfg.socket_path)
         self._admin = grpc.aio.server(options=GRPC_OPTIONS)
         agrpc.add_AdminServicer_to_server(admin, self._admin)  # type: ignore[no-untyped-call]
         agrpc.add_TrustAdminServicer_to_server(trust_admin, self._admin)  # type: ignore[no-untyped-call]
         self._add_health_and_reflection(self._admin, [ADMIN_SERVICE, TRUST_ADMIN_SERVICE])
-        self._admin.add_insecure_port(f"unix:{cfg.socket_path}")
-        self._socket_bound = True
+        self._admin_socket = _claim_admin_socket(cfg.socket_path, self._admin)
         await self._admin.start()
-        os.chmod(cfg.socket_path, 0o600)  # the socket file itself: owner only (the directory guards it too)
 
         self._front = TlsFront(inner_socket, self._registry, self._tls_context())
         try:
@@ -620,11 +611,9 @@ class ServerApp:
             if server is not None:
                 await server.stop(SHUTDOWN_GRACE)
         self._inner = self._admin = None
-        if self._socket_bound:  # never remove the socket of another server we refused to replace
-            with contextlib.suppress(OSError):
-                if self.config.socket_path.is_socket():
-                    self.config.socket_path.unlink()
-            self._socket_bound = False
+        if self._admin_socket is not None:  # only ours: never another server's we refused to replace
+            self._admin_socket.release()
+            self._admin_socket = None
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera._daemon.sockets import socket_owner_problem
 from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2 as npb
 from tessera.sdk.config import ConfigError, add_arguments, parse_duration
-from tessera.server.config import DEFAULT_SOCKET, SETTINGS
+from tessera.server.config import SETTINGS, default_admin_socket
 from tessera.server.federation import cli as federation_cli
 
 RPC_TIMEOUT = 30.0
@@ -40,14 +42,22 @@ def _fail(message: str) -> NoReturn:
 
 
 def _channel(socket_path: str) -> grpc.Channel:
-    path = Path(socket_path)
+    """A channel to the admin socket, after checking (lstat, before a single byte is sent: admin requests carry
+    join tokens and entries) that it is a socket owned by root or by the caller. Anyone else's socket at that
+    path would be a stranger collecting admin traffic or answering ``bundle show`` with their own CA."""
+    path = Path(socket_path).absolute()
     try:
-        exists = path.exists()
+        st = os.lstat(path)
     except PermissionError:  # the socket's directory is private to the server's user (0700)
         _fail(f"admin socket {socket_path}: permission denied (run admin commands as the server's user)")
-    if not exists:
+    except FileNotFoundError:
         _fail(f"admin socket {socket_path} does not exist (is tessera-server running? use --socket PATH)")
-    return grpc.insecure_channel("unix:" + str(path.absolute()))
+    except OSError as exc:
+        _fail(f"admin socket {socket_path}: {exc.strerror}")
+    problem = socket_owner_problem(f"admin socket {socket_path}", st.st_mode, st.st_uid, os.geteuid())
+    if problem:
+        _fail(problem)
+    return grpc.insecure_channel(f"unix:{path}")
 
 
 def _call(socket_path: str, method: str, request: Any) -> Any:
@@ -428,8 +438,9 @@ def _admin_parser(
     sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], None]
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    default_socket = default_admin_socket()
     parser.add_argument(
-        "--socket", default=DEFAULT_SOCKET, metavar="PATH", help=f"admin socket (default {DEFAULT_SOCKET})"
+        "--socket", default=default_socket, metavar="PATH", help=f"admin socket (default {default_socket})"
     )
     parser.add_argument("--output", choices=("text", "json"), default="text", help="output format")
     parser.set_defaults(func=func)

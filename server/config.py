@@ -12,20 +12,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tessera._daemon.sockets import path_length_problem
 from tessera.sdk.config import ConfigError, Setting, load_settings, parse_duration
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.logs import LEVELS
+from tessera.sdk.rundir import describe_runtime_path, runtime_path
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.server.opsconfig import OPS_SETTINGS, OpsConfig, build_ops_config
 
-DEFAULT_SOCKET = "/tmp/tessera-server/private/api.sock"
+_ADMIN_SOCKET_UNDER_RUN = "tessera-server/api.sock"
+_ADMIN_SOCKET_UNDER_HOME = "server/api.sock"
+DEFAULT_SOCKET_RULE = describe_runtime_path(_ADMIN_SOCKET_UNDER_RUN, _ADMIN_SOCKET_UNDER_HOME)
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("trust_domain", "str", required=True, help="trust domain served, e.g. example.org"),
     Setting("data_dir", "path", "./.tessera/server", help="directory for CA keys and the SQLite datastore"),
     Setting("bind_address", "str", "127.0.0.1:8081", help="HOST:PORT of the node API (TLS) for agents"),
-    Setting("socket", "path", DEFAULT_SOCKET, help="admin API Unix socket (its directory is made 0700)"),
+    Setting(
+        "socket",
+        "path",
+        None,
+        help=f"admin API Unix socket; its directory must be the server's own, made 0700 when missing "
+        f"(default: {DEFAULT_SOCKET_RULE})",
+    ),
     Setting("datastore", "str", None, help="datastore URL (default: SQLite in the data dir)"),
     Setting("log_level", "str", "info", help="debug, info, warning or error"),
     Setting("log_format", "str", "text", help="text or json"),
@@ -51,11 +61,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("federation_profile", "str", "https_spiffe", help="bundle endpoint TLS: https_spiffe or https_web"),
     Setting("federation_cert", "path", None, help="https_web: PEM certificate chain of the bundle endpoint"),
     Setting("federation_key", "path", None, help="https_web: PEM private key of the bundle endpoint"),
-    Setting(
-        "federation_refresh_hint", "duration", "5m", help="spiffe_refresh_hint the bundle endpoint advertises"
-    ),
+    Setting("federation_refresh_hint", "duration", "5m", help="spiffe_refresh_hint the bundle endpoint advertises"),
     *OPS_SETTINGS,  # key manager (disk / pkcs11), metrics listener, rate limits: see tessera.server.opsconfig
 )
+
+
+def default_admin_socket() -> str:
+    """The admin socket ``tessera-server run`` and the admin commands use when not told: ``/run/tessera-server/
+    api.sock`` as root, a directory of the user's own otherwise (see tessera.sdk.rundir), never a shared /tmp
+    path another user could create first."""
+    return runtime_path(_ADMIN_SOCKET_UNDER_RUN, _ADMIN_SOCKET_UNDER_HOME)
+
 
 MIN_SVID_TTL = 60.0
 # Agent SVIDs renew themselves over an open mTLS connection at half life, so a shorter floor is safe for them
@@ -190,9 +206,10 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
         if not path.is_file():
             raise ConfigError(f"x509pop_ca_bundle: {path} is not a readable file")
     data_dir = Path(values["data_dir"]).expanduser()
-    socket_path = Path(values["socket"]).expanduser()
-    if len(str(socket_path.absolute()).encode()) > 107:
-        raise ConfigError(f"socket: path {socket_path} is longer than the 107 bytes a Unix socket allows")
+    socket_path = Path(values["socket"] or default_admin_socket()).expanduser().absolute()
+    socket_problem = path_length_problem(str(socket_path))
+    if socket_problem:
+        raise ConfigError(f"socket: {socket_problem}")
     datastore = values["datastore"] or ""
     fed_host: str | None = None
     fed_port = 0

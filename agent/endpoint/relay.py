@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import os
 import socket
-import stat
 import struct
-from pathlib import Path
 
+from tessera._daemon.errors import SocketClaimError
+from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.agent.attestors.base import PeerCredentials, ProcessInfo, process_for
 from tessera.agent.errors import AgentError, AttestationError
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
+_BACKLOG = 4096
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -53,31 +53,6 @@ class PeerRegistry:
 
     def __len__(self) -> int:
         return len(self._peers)
-
-
-def prepare_socket_path(path: str, mode: int = 0o755) -> None:
-    """Creates the socket's directory and removes a stale socket, but never one somebody listens on."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=mode, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AgentError(f"{path} exists and is not a socket; remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
-            log.info("removed stale socket %s", path)
-            return
-        raise AgentError(f"cannot check whether {path} is in use: {exc}") from exc
-    finally:
-        probe.close()
-    raise AgentError(f"another process is listening on {path}; stop it or choose another --socket")
 
 
 class _Pipe:
@@ -186,7 +161,7 @@ class WorkloadRelay:
         registry: PeerRegistry,
         *,
         proc_root: str = "/proc",
-        socket_mode: int = 0o777,
+        socket_mode: int = PUBLIC_SOCKET_MODE,
     ) -> None:
         self.public_path = public_path
         self.internal_path = internal_path
@@ -197,16 +172,33 @@ class WorkloadRelay:
         self.connections: set[_Pipe] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._claim: ClaimedSocket | None = None
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        prepare_socket_path(self.public_path)
-        Path(self.client_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.client_dir, 0o700)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _PublicSide(self), self.public_path, backlog=4096)
-        # Every local user may call the Workload API; who they are is decided per connection.
-        os.chmod(self.public_path, self.socket_mode)
+        """Claims the public socket (see tessera._daemon.sockets: checked directories, final mode at bind time)
+        and starts accepting. Raises AgentError with the one line the operator sees."""
+        os.mkdir(self.client_dir, 0o700)  # inside the endpoint's fresh private directory
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def bind(path: str) -> None:
+            sock.bind(path)
+            sock.listen(_BACKLOG)
+
+        try:
+            # Every local user may call the Workload API; who they are is decided per connection.
+            self._claim = claim_socket(self.public_path, bind, dir_mode=PUBLIC_DIR_MODE, socket_mode=self.socket_mode)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(lambda: _PublicSide(self), sock=sock, backlog=_BACKLOG)
+        except BaseException as exc:
+            sock.close()
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
+            if isinstance(exc, SocketClaimError):
+                raise AgentError(str(exc)) from None
+            raise
 
     async def open_internal(self, pipe: _Pipe) -> None:
         if pipe.process is None or pipe.closed:
@@ -244,8 +236,9 @@ class WorkloadRelay:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.public_path)
+        if self._claim is not None:
+            self._claim.release()  # only if the name still holds our socket
+            self._claim = None
         for pipe in list(self.connections):
             pipe.close()
         for task in list(self.tasks):

@@ -101,7 +101,7 @@ class WorkloadEndpoint:
             options=[
                 ("grpc.max_concurrent_streams", 10000),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -114,7 +114,13 @@ class WorkloadEndpoint:
         self.relay = WorkloadRelay(
             self.socket_path, internal, f"{self._private_dir}/c", self.registry, proc_root=self._proc_root
         )
-        await self.relay.start()
+        try:
+            await self.relay.start()
+        except BaseException:
+            # A refused socket (one line for the operator) must not leave the internal server running behind.
+            self.relay = None
+            await self.stop(grace=0)
+            raise
         # Health says SERVING once the cache holds a first sync (the daemon flips it; tests start ready).
         await self.set_serving(self.servicer.cache.ready)
         log.info("Workload API listening on %s", self.socket_path)

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tessera.sdk.config import ConfigError, Setting, add_arguments, load_settings, read_config_file
-from tessera.sdk.workloadapi.wire import ENDPOINT_SOCKET_ENV
+from tessera.sdk.workloadapi.wire import CLIENT_SOCKET_RULE, ENDPOINT_SOCKET_ENV, default_address
 
-DEFAULT_AGENT_ADDRESS = "unix:///tmp/tessera-agent/public/api.sock"
-
-_ADDRESS_HELP = f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {DEFAULT_AGENT_ADDRESS})"
+_ADDRESS_HELP = f"Workload API socket (default: ${ENDPOINT_SOCKET_ENV}, else {CLIENT_SOCKET_RULE})"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("agent_address", "str", help=_ADDRESS_HELP),
@@ -156,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(parser, SETTINGS)
     parser.add_argument(
-        "--jwt-svids", dest="jwt_svids", action="append", default=None, metavar="AUDIENCE=FILE",
+        "--jwt-svids",
+        dest="jwt_svids",
+        action="append",
+        default=None,
+        metavar="AUDIENCE=FILE",
         help="write a JWT-SVID for AUDIENCE to FILE in cert_dir (repeatable)",
     )
     return parser
@@ -175,11 +177,13 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         if key not in known:
             raise ConfigError(f"config file {config_file}: unknown key {key!r} in [helper]")
     # File values first, then flags on top; load_settings validates and fills defaults.
-    merged = {k: (oct(v) if k.endswith("_mode") and isinstance(v, int) and not isinstance(v, bool) else v)
-              for k, v in file_values.items()}
+    merged = {
+        k: (oct(v) if k.endswith("_mode") and isinstance(v, int) and not isinstance(v, bool) else v)
+        for k, v in file_values.items()
+    }
     merged.update({k: v for k, v in args.items() if v is not None and k in known})
     values = load_settings("helper", SETTINGS, None, merged)
-    address = values["agent_address"] or env.get(ENDPOINT_SOCKET_ENV) or DEFAULT_AGENT_ADDRESS
+    address = values["agent_address"] or env.get(ENDPOINT_SOCKET_ENV) or default_address()
     try:
         cmd_args = tuple(shlex.split(values["cmd_args"] or ""))
     except ValueError as exc:

@@ -8,9 +8,9 @@ at any moment reads either the old or the new content, never a mix.
 from __future__ import annotations
 
 import json
-import os
 
 from tessera.sdk.bundle import BundleSet, JwtBundle, X509Bundle
+from tessera.sdk.files import ensure_owned_dir
 from tessera.sdk.svid import X509Svid, certificates_to_pem
 from tessera.sdk.workloadapi.common import X509Context
 
@@ -30,5 +30,11 @@ def jwt_bundles_json(bundles: BundleSet[JwtBundle]) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
+CERT_DIR_MODE = 0o755
+"""A cert_dir the helper makes: others may read the certificates (the key file itself is 0600)."""
+
+
 def ensure_dir(path: str) -> None:
-    os.makedirs(path, mode=0o755, exist_ok=True)
+    """cert_dir, made 0755 whatever the umask, or checked to be the helper user's own and writable by it
+    alone (it receives private keys); see tessera.sdk.files.ensure_owned_dir."""
+    ensure_owned_dir(path, CERT_DIR_MODE)

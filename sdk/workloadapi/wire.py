@@ -7,6 +7,7 @@ module is the one place that maps the two, for both the agent's server and the S
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,12 +15,22 @@ from typing import Any, Literal
 import grpc
 
 from tessera.proto import workload_pb2 as pb
+from tessera.sdk.rundir import describe_runtime_path, runtime_path
 
 SERVICE_NAME = "SpiffeWorkloadAPI"
 SECURITY_HEADER_KEY = "workload.spiffe.io"
 SECURITY_HEADER_VALUE = "true"
 SECURITY_METADATA: tuple[tuple[str, str], ...] = ((SECURITY_HEADER_KEY, SECURITY_HEADER_VALUE),)
 ENDPOINT_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+_AGENT_SOCKET_UNDER_RUN = "tessera-agent/public/api.sock"
+_AGENT_SOCKET_UNDER_HOME = "agent/api.sock"
+DEFAULT_SOCKET_RULE = describe_runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME)
+"""Where tessera-agent serves the Workload API when not told, in words (help texts, README)."""
+CLIENT_SOCKET_RULE = (
+    f"the socket of an agent run by the same user if there is one ({DEFAULT_SOCKET_RULE}), "
+    f"else /run/{_AGENT_SOCKET_UNDER_RUN}"
+)
+"""Which socket clients call when not told, in words."""
 
 Kind = Literal["unary_unary", "unary_stream"]
 
@@ -93,6 +104,26 @@ class WorkloadApiStub:
     ValidateJWTSVID: Any
 
 
+def default_socket_path(*, euid: int | None = None) -> str:
+    """The socket tessera-agent serves by default when run by ``euid`` (this process's by default):
+    ``/run/tessera-agent/public/api.sock`` as root, else a directory of the user's own (tessera.sdk.rundir)."""
+    return runtime_path(_AGENT_SOCKET_UNDER_RUN, _AGENT_SOCKET_UNDER_HOME, euid=euid)
+
+
+def client_socket_path() -> str:
+    """The socket a client (``tessera-agent api ...``, ``healthcheck``, tessera-helper) calls when neither a
+    flag nor ``SPIFFE_ENDPOINT_SOCKET`` names one: an agent this user runs itself when its socket exists, else
+    the host's agent (root's default; a workload usually runs as another user than the agent)."""
+    own = default_socket_path()
+    system = default_socket_path(euid=0)
+    return own if own == system or os.path.exists(own) else system
+
+
+def default_address() -> str:
+    """:func:`client_socket_path` as a Workload API address (``unix:///...``)."""
+    return "unix://" + client_socket_path()
+
+
 def endpoint_to_target(address: str) -> str:
     """Turns a Workload API address (``unix:///path``, ``unix:/path`` or a bare absolute path) into a
     gRPC target, refusing forms this implementation does not serve."""
@@ -105,9 +136,7 @@ def endpoint_to_target(address: str) -> str:
     elif address.startswith("tcp://"):
         return address[len("tcp://") :]
     else:
-        raise ValueError(
-            f"workload API address {address!r} must be unix:///absolute/path (or tcp://IP:port)"
-        )
+        raise ValueError(f"workload API address {address!r} must be unix:///absolute/path (or tcp://IP:port)")
     if not path.startswith("/"):
         raise ValueError(f"workload API address {address!r} must name an absolute socket path")
     return "unix:" + path

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_testlib import add, entry, issue, make_cache, socket_dir, start_endpoint, stop_endpoint
 
 from tessera.agent.cache import WorkloadCache
@@ -94,6 +96,26 @@ def test_fetch_via_env_socket_write_json_and_healthcheck(tmp_path: Path) -> None
     _with_endpoint(cache, body)
 
 
+def test_fetch_write_makes_a_private_directory_under_a_permissive_umask(tmp_path: Path) -> None:
+    ca = TestCA()
+    cache = make_cache(ca)
+    add(cache, ca, entry("e1", ca, "/cli", [ME]))
+    target = tmp_path / "new" / "ids"
+
+    async def body(path: str) -> None:
+        argv = [sys.executable, "-m", "tessera.agent", "api", "fetch", "x509", "--write", str(target), "--socket", path]
+        out = await asyncio.to_thread(
+            subprocess.run, ["sh", "-c", 'umask 000; exec "$@"', "sh", *argv], capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+    _with_endpoint(cache, body)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert modes == {"svid.0.pem": 0o644, "svid.0.key": 0o600, "bundle.0.pem": 0o644}
+
+
 def test_watch_prints_each_rotation() -> None:
     ca = TestCA()
     cache = make_cache(ca)
@@ -127,3 +149,14 @@ def test_shipped_example_config_is_accepted() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "agent.toml"
     settings = AgentSettings.from_values(load_settings("agent", SETTINGS, example, {}))
     assert settings.node.server_addresses and settings.socket.endswith("api.sock")
+
+
+def test_the_workload_api_socket_defaults_out_of_tmp_and_is_checked_for_length() -> None:
+    from tessera.agent.daemon import SETTINGS, AgentSettings
+    from tessera.sdk.config import ConfigError, load_settings
+
+    base = {"trust_domain": "example.org", "server_address": "127.0.0.1:1"}
+    settings = AgentSettings.from_values(load_settings("agent", SETTINGS, None, base))
+    assert settings.socket == "/run/tessera-agent/public/api.sock"  # as root
+    with pytest.raises(ConfigError, match=r"^socket: .*\.XXXXXXXX/s"):
+        AgentSettings.from_values(load_settings("agent", SETTINGS, None, {**base, "socket": "/" + "d" * 96 + "/s"}))

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_der_priv
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tessera.agent.endpoint.relay import PeerRegistry, WorkloadRelay, prepare_socket_path
+from tessera.agent.endpoint.relay import PeerRegistry, WorkloadRelay
 from tessera.agent.errors import AgentError
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.svid import parse_der_certificates, spiffe_id_from_certificate
@@ -360,17 +360,26 @@ def test_relay_maps_bound_path_to_the_kernel_credentials() -> None:
                 out = await ch.unary_unary("/t.T/E")(b"")
             assert out == f"{os.getpid()}:{os.getuid()}".encode()
             assert seen[0].startswith(f"unix:{d}/c/")
+            assert os.lstat(f"{d}/pub.sock").st_mode & 0o7777 == 0o777  # every local user may connect
+            second = WorkloadRelay(f"{d}/pub.sock", f"{d}/internal.sock", f"{d}/c2", registry)
             with pytest.raises(AgentError, match="another process is listening"):
-                prepare_socket_path(f"{d}/pub.sock")
+                await second.start()
         finally:
             await relay.close()
-            await server.stop(None)
+        assert not os.path.exists(f"{d}/pub.sock")
         # a stale socket file (nobody listening) is replaced
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(f"{d}/pub.sock")
         stale.close()
-        prepare_socket_path(f"{d}/pub.sock")
-        assert not os.path.exists(f"{d}/pub.sock")
+        relay = WorkloadRelay(f"{d}/pub.sock", f"{d}/internal.sock", f"{d}/c3", registry)
+        await relay.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{d}/pub.sock") as ch:
+                assert await ch.unary_unary("/t.T/E")(b"") == f"{os.getpid()}:{os.getuid()}".encode()
+        finally:
+            await relay.close()
+            await server.stop(None)
+        assert sorted(os.listdir(d)) == ["c", "c2", "c3"]  # no socket and no staging directory left behind
 
     run(main())
 

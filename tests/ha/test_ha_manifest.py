@@ -43,7 +43,10 @@ def test_ha_config_is_valid_server_configuration(tmp_path: Path) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "tessera-db"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert str(config.data_dir) in mounts and str(config.socket_path.parent) in mounts
+    assert str(config.data_dir) in mounts
+    # The admin socket in a directory the server makes itself in the container's /dev/shm (a root-owned sticky
+    # tmpfs, writable under readOnlyRootFilesystem): an emptyDir mount is 0777, which the server refuses.
+    assert config.socket_path.parent.parent == Path("/dev/shm") and str(config.socket_path.parent) not in mounts
     assert any(host_ca.startswith(m + "/") for m in mounts)
     probe = container["readinessProbe"]["exec"]["command"]
     assert probe[-1] == str(config.socket_path)

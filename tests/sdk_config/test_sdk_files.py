@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.sdk.files import ensure_private_dir, write_atomic, write_private_file
+from tessera.sdk.errors import UnsafeDirectoryError
+from tessera.sdk.files import ensure_owned_dir, ensure_private_dir, write_atomic, write_private_file
 
 
 def mode(path: Path) -> int:
@@ -66,3 +67,45 @@ def test_private_dir_is_tightened_and_symlinks_refused(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(loose)
     with pytest.raises(NotADirectoryError):
         ensure_private_dir(tmp_path / "link")
+
+
+def test_owned_dir_is_made_with_its_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        ensure_owned_dir(tmp_path / "a" / "keys")
+        ensure_owned_dir(tmp_path / "certs", 0o755)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a" / "keys") == 0o700
+    assert mode(tmp_path / "a") == 0o755  # a missing parent: mkdir -p, never wider than 0755
+    assert mode(tmp_path / "certs") == 0o755
+    os.umask(0o777)
+    try:
+        ensure_owned_dir(tmp_path / "tight")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "tight") == 0o700
+
+
+def test_an_existing_owned_dir_keeps_its_mode_and_an_unsafe_one_is_refused(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    os.chmod(mine, 0o750)
+    ensure_owned_dir(mine)
+    assert mode(mine) == 0o750
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(UnsafeDirectoryError, match=r"owned by uid 65534 \(nobody\), not by you \(uid 0\)"):
+        ensure_owned_dir(theirs)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o1777)
+    with pytest.raises(UnsafeDirectoryError, match=r"writable by other users \(mode 1777\)"):
+        ensure_owned_dir(open_dir)
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(UnsafeDirectoryError, match="is a symbolic link"):
+        ensure_owned_dir(tmp_path / "link")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UnsafeDirectoryError, match="is not a directory"):
+        ensure_owned_dir(tmp_path / "file")

@@ -114,6 +114,24 @@ def test_one_shot_writes_files_openssl_accepts(agent: FakeAgent, tmp_path: Path,
     assert not [p for p in certs.iterdir() if p.name.startswith(".tessera-")]  # no temp files left behind
 
 
+def test_cert_dir_is_made_0755_under_any_umask_and_another_users_is_refused(
+    agent: FakeAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--agent-address", agent.address, "--no-daemon-mode"]
+    old = os.umask(0)
+    try:
+        assert main([*args, "--cert-dir", str(tmp_path / "certs")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "certs").stat().st_mode) == 0o755
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    assert main([*args, "--cert-dir", str(theirs), "--timeout", "5s"]) != 0
+    assert "owned by uid 65534 (nobody)" in capsys.readouterr().err
+    assert list(theirs.iterdir()) == []  # no key written into it
+
+
 def test_one_shot_with_intermediate_and_federation(agent: FakeAgent, tmp_path: Path, ca: TestCA) -> None:
     inter = ca.issue_intermediate()
     agent.set_x509([inter.issue_svid(WEB)], [ca.x509_bundle(), TestCA("partner.org").x509_bundle()])

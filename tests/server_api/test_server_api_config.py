@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from tessera._daemon.sockets import STAGING_OVERHEAD
+from tessera.sdk import rundir
 from tessera.sdk.config import ConfigError, load_settings
-from tessera.server.config import SETTINGS, ServerConfig, build_config, parse_host_port
+from tessera.server.config import SETTINGS, ServerConfig, build_config, default_admin_socket, parse_host_port
 
 
 def config(**values: Any) -> ServerConfig:
@@ -76,3 +78,22 @@ def test_parse_host_port() -> None:
     assert parse_host_port("[fe80::1]:443") == ("fe80::1", 443)
     with pytest.raises(ConfigError):
         parse_host_port(":80")
+
+
+def test_admin_socket_defaults_to_run_as_root_and_to_the_users_own_directory_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert config(socket=None).socket_path == Path("/run/tessera-server/api.sock")  # the suite runs as root
+    monkeypatch.setattr(rundir.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_admin_socket() == "/run/user/1000/tessera-server/api.sock"
+    assert config(socket=None).socket_path == Path("/run/user/1000/tessera-server/api.sock")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_admin_socket().endswith("/.tessera/run/server/api.sock")
+
+
+def test_a_socket_path_too_long_to_bind_through_its_staging_directory_is_refused_up_front() -> None:
+    directory = "/" + "d" * (107 - STAGING_OVERHEAD - 1)
+    assert config(socket=f"{directory}/api.sock").socket_path == Path(f"{directory}/api.sock")
+    with pytest.raises(ConfigError, match=r"^socket: .*\.XXXXXXXX/s"):
+        config(socket=f"{directory}x/api.sock")
