@@ -11,13 +11,10 @@ certain). The same binary run for real, connecting itself, gets its SVIDs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,27 +27,22 @@ from support.procs import (
     FETCH_SCRIPT,
     NOBODY,
     SYSTEM_PYTHON,
-    VENV_SITE,
     TesseraAgent,
     TesseraServer,
-    as_user,
     run_as,
     short_dir,
 )
+from trust_support import Lines, finish, spawn
 
 pytestmark = pytest.mark.slow
 
 AGENT_ID = f"spiffe://{TD}/host/exec"
 BY_HASH, BY_PATH, CONTROL = f"spiffe://{TD}/payments/hash", f"spiffe://{TD}/payments/path", f"spiffe://{TD}/nobody"
 
-# The attacker (run as nobody with the system python; the venv's site-packages added for grpc). Prints JSON lines.
+# The attacker (run as nobody through trust_support.spawn; ``say`` prints JSON lines).
 ATTACK = r"""
-import contextlib, json, os, socket, sys, threading, time
+import contextlib, os, socket, threading, time
 mode, agent_sock, binary, workdir = sys.argv[1:5]
-
-def say(**kw):
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
 
 def wait_exe(pid, target):
     deadline = time.monotonic() + 20
@@ -193,55 +185,8 @@ def world() -> Iterator[World]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _spawn(world: World, *args: str, uid: int = NOBODY) -> subprocess.Popen[bytes]:
-    prelude = f"import sys, site; site.addsitedir({VENV_SITE!r})\n"
-    return subprocess.Popen(
-        [*as_user(uid), SYSTEM_PYTHON, "-S", "-c", prelude + ATTACK, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd="/tmp",
-    )
-
-
-class Lines:
-    """JSON lines from a child's stdout, read with bounded waits (select on the raw pipe, own buffer)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        self.fd = proc.stdout.fileno()
-        self.buffer = b""
-        self.events: list[dict[str, Any]] = []
-
-    def until(self, key: str, timeout: float = 45.0) -> list[dict[str, Any]]:
-        """Events up to and including the first one with ``key``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                event = json.loads(line)
-                assert "error" not in event, event
-                self.events.append(event)
-                if key in event:
-                    return self.events
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.fd], [], [], max(0.0, remaining))
-            if not ready:
-                raise AssertionError(f"no {key!r} from the attacker within {timeout:g}s; got {self.events}")
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                raise AssertionError(f"the attacker ended before {key!r}; got {self.events}")
-            self.buffer += chunk
-
-
-def _finish(*procs: subprocess.Popen[bytes]) -> None:
-    for proc in procs:
-        if proc.stdin is not None:
-            proc.stdin.close()  # the exec'd binary was waiting on it
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _spawn(world: World, *args: str) -> subprocess.Popen[bytes]:
+    return spawn(NOBODY, ATTACK, *args)
 
 
 def _calls(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -263,9 +208,11 @@ def test_the_selected_binary_connecting_itself_gets_its_svids(world: World) -> N
 def test_exec_after_the_agent_accepted_is_refused(world: World) -> None:
     attacker = _spawn(world, "exec-after-accept", world.agent.socket, world.binary, str(world.work))
     try:
-        calls = _calls(Lines(attacker).until("done"))
+        lines = Lines(attacker)
+        lines.until("done")
+        calls = _calls(lines.events)
     finally:
-        _finish(attacker)
+        finish(attacker)
     _assert_refused(calls[2], "has exec'd a different program since")
     _assert_refused(calls[1], "also held by process")  # a forked child speaking: refused before any exec
 
@@ -280,11 +227,12 @@ def test_exec_before_the_agent_accepted_is_refused(world: World) -> None:
         lines = Lines(attacker)
         lines.until("ready")
         os.kill(world.agent.pid, signal.SIGCONT)
-        calls = _calls(lines.until("done"))
+        lines.until("done")
+        calls = _calls(lines.events)
     finally:
         os.kill(world.agent.pid, signal.SIGCONT)
         if attacker is not None:
-            _finish(attacker)
+            finish(attacker)
     _assert_refused(calls[1], "the connection is also held by process")
 
 
@@ -296,9 +244,10 @@ def test_a_connection_passed_over_scm_rights_is_refused(world: World) -> None:
         lines = Lines(receiver)
         lines.until("listening")
         sender = _spawn(world, "pass", world.agent.socket, world.binary, str(world.work), str(inbox))
-        calls = _calls(lines.until("done"))
+        lines.until("done")
+        calls = _calls(lines.events)
     finally:
-        _finish(receiver, *([sender] if sender is not None else []))
+        finish(receiver, *([sender] if sender is not None else []))
     _assert_refused(calls[1], "also held by process", "has exec'd a different program since")
 
 
