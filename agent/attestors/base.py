@@ -8,7 +8,7 @@ was accepted (:mod:`tessera.agent.attestors.process`), and refuses a caller that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from tessera.agent.attestors.process import (
@@ -30,11 +30,18 @@ class WorkloadAttestor(Protocol):
 
 
 async def attest(
-    process: ProcessInfo, attestors: Sequence[WorkloadAttestor], proc_root: str = "/proc"
+    process: ProcessInfo,
+    attestors: Sequence[WorkloadAttestor],
+    proc_root: str = "/proc",
+    *,
+    verify: Callable[[ProcessInfo], Awaitable[None]] | None = None,
 ) -> frozenset[str]:
     """Runs every attestor over the captured facts; the pid must still run what was captured, before and after
-    (not exited or reused, not exec'd, not moved to another cgroup), else CallerRefused."""
+    (not exited or reused, not exec'd, not moved to another cgroup), else CallerRefused. ``verify`` may refuse
+    the caller too, before any attestor runs (the endpoint's: whether another process holds the connection)."""
     check_unchanged(process, proc_root)
+    if verify is not None:
+        await verify(process)
     selectors: set[str] = set()
     for attestor in attestors:
         selectors.update(await attestor.attest(process))

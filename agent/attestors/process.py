@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 from tessera.agent.attestors.procfs import parse_stat_start_time, parse_stat_state, parse_status
 from tessera.agent.errors import AttestationError, CallerRefused
@@ -60,19 +59,31 @@ class ProcessInfo:
     socket_inode: int = 0  # inode of the agent's end of the connection (its peer is the client's end)
 
 
+def _read(path: str) -> bytes:
+    """A whole /proc file, without the cost of text I/O (these run on every connection and call)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_start_time(pid: int, proc_root: str = "/proc") -> int:
     try:
-        return parse_stat_start_time((Path(proc_root) / str(pid) / "stat").read_text())
+        return parse_stat_start_time(_read(f"{proc_root}/{pid}/stat").decode(errors="replace"))
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise AttestationError(f"process {pid} has exited") from exc
     except (OSError, ValueError) as exc:
         raise AttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
 
 
-def _read_stat(pid: int, proc_root: str) -> tuple[str, int]:
-    """(state, start time); a zombie or dead process counts as exited."""
+def _start_time(pid: int, proc_root: str) -> int:
+    """The start time of a live process; CallerRefused when it has exited (a zombie or dead one counts)."""
     try:
-        text = (Path(proc_root) / str(pid) / "stat").read_text()
+        text = _read(f"{proc_root}/{pid}/stat").decode(errors="replace")
         state, start = parse_stat_state(text), parse_stat_start_time(text)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise CallerRefused(EXITED) from exc
@@ -80,28 +91,35 @@ def _read_stat(pid: int, proc_root: str) -> tuple[str, int]:
         raise AttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
     if state in ("Z", "X", "x"):
         raise CallerRefused(EXITED)
-    return state, start
+    return start
+
+
+def _exe_key(pid: int, proc_root: str) -> tuple[int, int] | None:
+    """(device, inode) of what ``pid`` runs: stat follows /proc/<pid>/exe to the very inode executed."""
+    try:
+        st = os.stat(f"{proc_root}/{pid}/exe")
+    except OSError:
+        return None  # exited (the start-time check says so), a kernel thread, or not ours to look at
+    return st.st_dev, st.st_ino
 
 
 def read_exe(pid: int, proc_root: str = "/proc") -> ExeIdentity | None:
-    """Device, inode and path of what ``pid`` runs (stat follows /proc/<pid>/exe to the very inode executed)."""
-    link = Path(proc_root) / str(pid) / "exe"
+    """Device, inode and path of what ``pid`` runs."""
+    key = _exe_key(pid, proc_root)
+    if key is None:
+        return None
     try:
-        st = os.stat(link)
-    except OSError:
-        return None  # exited (the start-time check says so), a kernel thread, or not ours to look at
-    try:
-        target = os.readlink(link)
+        target = os.readlink(f"{proc_root}/{pid}/exe")
     except OSError:
         target = ""
     if target.endswith(" (deleted)"):
         target = ""
-    return ExeIdentity(st.st_dev, st.st_ino, target)
+    return ExeIdentity(key[0], key[1], target)
 
 
-def _read_optional(path: Path) -> str | None:
+def _read_optional(path: str) -> str | None:
     try:
-        return path.read_text()
+        return _read(path).decode(errors="replace")
     except FileNotFoundError as exc:
         raise CallerRefused(EXITED) from exc
     except OSError:
@@ -127,18 +145,18 @@ def process_for(
     """
     if creds.pid <= 0:
         raise AttestationError("peer credentials carry no pid (peer in another PID namespace?)")
-    proc = Path(proc_root) / str(creds.pid)
-    _, start = _read_stat(creds.pid, proc_root)
+    proc = f"{proc_root}/{creds.pid}"
+    start = _start_time(creds.pid, proc_root)
     exe = read_exe(creds.pid, proc_root)
-    cgroup = _read_optional(proc / "cgroup")
-    status = _read_optional(proc / "status")
+    cgroup = _read_optional(f"{proc}/cgroup")
+    status = _read_optional(f"{proc}/status")
     groups: tuple[int, ...] | None = None
     if status is not None:
         with contextlib.suppress(ValueError):
             groups = parse_status(status).groups
-    if _read_stat(creds.pid, proc_root)[1] != start:
+    if _start_time(creds.pid, proc_root) != start:
         raise CallerRefused(EXITED)
-    if read_exe(creds.pid, proc_root) != exe:
+    if _exe_key(creds.pid, proc_root) != (None if exe is None else (exe.dev, exe.ino)):
         raise CallerRefused(EXECED)
     if pidfd is not None:
         _check_alive(pidfd)
@@ -147,28 +165,23 @@ def process_for(
     )
 
 
-def _same_program(captured: ExeIdentity | None, now: ExeIdentity | None) -> bool:
-    if captured is None:
-        return now is None
-    return now is not None and (now.dev, now.ino) == (captured.dev, captured.ino)
-
-
 def check_unchanged(process: ProcessInfo, proc_root: str = "/proc") -> None:
     """Raises CallerRefused when the connecting pid no longer runs what was captured at accept.
 
-    The path is not compared: a binary renamed or replaced on disk is still the program that runs.
+    The path is not compared: a binary renamed or replaced on disk is still the program that runs. Callers
+    check again after reading anything else about the process (the attestation pipeline does), so a pid
+    reused in between is noticed.
     """
-    _, start = _read_stat(process.pid, proc_root)
+    start = _start_time(process.pid, proc_root)
     if start != process.start_time:
         raise CallerRefused(EXITED + " (its pid now belongs to another process)")
-    if not _same_program(process.exe, read_exe(process.pid, proc_root)):
-        if _read_stat(process.pid, proc_root)[1] != start:
+    captured = None if process.exe is None else (process.exe.dev, process.exe.ino)
+    if _exe_key(process.pid, proc_root) != captured:
+        if _start_time(process.pid, proc_root) != start:
             raise CallerRefused(EXITED)
         raise CallerRefused(EXECED)
-    if process.cgroup is not None and _read_optional(Path(proc_root) / str(process.pid) / "cgroup") != process.cgroup:
+    if process.cgroup is not None and _read_optional(f"{proc_root}/{process.pid}/cgroup") != process.cgroup:
         raise CallerRefused(MOVED)
-    if _read_stat(process.pid, proc_root)[1] != start:
-        raise CallerRefused(EXITED)
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import struct_pb2
 
-from tessera.agent.attestors.base import WorkloadAttestor, attest, check_unchanged
+from tessera.agent.attestors.base import WorkloadAttestor, attest
 from tessera.agent.cache import CachedJwt, EntryRecord, WorkloadCache
 from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.endpoint.relay import PeerRegistry
@@ -91,10 +91,8 @@ class WorkloadApiServicer:
         if process is None:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, "caller could not be identified; retry")
         try:
-            check_unchanged(process, self.proc_root)
-            if self.guard is not None:
-                await self.guard.verify(process)
-            selectors = await attest(process, self.attestors, self.proc_root)
+            verify = None if self.guard is None else self.guard.verify
+            selectors = await attest(process, self.attestors, self.proc_root, verify=verify)
         except CallerRefused as exc:
             await self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except AttestationError as exc:
