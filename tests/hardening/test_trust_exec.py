@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from support.procs import (
     SYSTEM_PYTHON,
     TesseraAgent,
     TesseraServer,
+    free_port,
     run_as,
     short_dir,
 )
@@ -144,6 +147,7 @@ class World:
     agent: TesseraAgent
     binary: str
     work: Path
+    metrics_port: int
 
 
 def _selected_binary(directory: Path) -> tuple[str, str]:
@@ -174,8 +178,12 @@ def world() -> Iterator[World]:
             (CONTROL, f"unix:uid:{NOBODY}"),
         ):
             server.admin("entry", "create", "--spiffe-id", spiffe_id, "--parent-id", AGENT_ID, "--selector", selector)
-        agent = agent_proc(root, server, "agent", "--join-token", server.join_token(AGENT_ID)).start_and_wait()
-        yield World(root, server, agent, binary, work)
+        port = free_port()
+        agent = agent_proc(
+            root, server, "agent", "--join-token", server.join_token(AGENT_ID),
+            "--metrics-bind-address", f"127.0.0.1:{port}",
+        ).start_and_wait()  # fmt: skip
+        yield World(root, server, agent, binary, work, port)
     finally:
         if agent is not None:
             if agent.alive():
@@ -251,6 +259,11 @@ def test_a_connection_passed_over_scm_rights_is_refused(world: World) -> None:
     _assert_refused(calls[1], "also held by process", "has exec'd a different program since")
 
 
-def test_the_agent_logged_no_traceback(world: World) -> None:
+def test_refusals_are_counted_by_reason_and_the_agent_logged_no_traceback(world: World) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for reason in ("caller_changed", "shared_connection"):
+        match = re.search(rf'tessera_agent_workload_attestation_failures_total{{reason="{reason}"}} (\S+)', text)
+        assert match is not None and float(match.group(1)) >= 1, reason
     assert world.agent.healthy()
     assert "Traceback" not in world.agent.output()
