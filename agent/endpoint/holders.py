@@ -10,8 +10,10 @@
   otherwise hand the socket to the second one. A process's uids come from /proc/<pid>/status, never from the
   owner of /proc/<pid> (a non-dumpable process's directory belongs to root).
 - The scan is only worth its cost when some entry selects by executable (``unix:path`` / ``unix:sha256``);
-  the guard asks before each use. It runs at accept and again at every call (a descriptor can be received
-  after accept), in a worker thread, at most ``per_uid`` at a time per caller uid.
+  the guard asks before each use, and skips callers whose executable the agent could not see (they get no
+  such selector). It runs at accept and again at every call (a descriptor can be received after accept), in
+  a worker thread, at most ``per_uid`` at a time per caller uid. Only an agent running as root can read
+  every process's descriptors; one that cannot read another process's ``fd`` directory does not see it.
 
 What it cannot see: a descriptor in flight inside an SCM_RIGHTS message (held by no process until received),
 and a same-uid process that copies the descriptor with pidfd_getfd or ptrace at the right moment.
@@ -133,9 +135,13 @@ class ConnectionGuard:
     def enabled(self) -> bool:
         return self._enabled()
 
+    def _applies(self, process: ProcessInfo) -> bool:
+        # A caller whose executable the agent cannot see gets no unix:path / unix:sha256 selector to protect.
+        return process.exe is not None and self._enabled()
+
     def accepted(self, process: ProcessInfo) -> None:
         """At accept: starts the first scan in the background (its verdict is awaited by the first call)."""
-        if not process.socket_inode or not self._enabled():
+        if not process.socket_inode or not self._applies(process):
             return
         task = asyncio.get_running_loop().create_task(self._scan(process))
         self._at_accept[process.socket_inode] = task
@@ -146,7 +152,7 @@ class ConnectionGuard:
             task.cancel()
 
     async def verify(self, process: ProcessInfo) -> None:
-        if not self._enabled():
+        if not self._applies(process):
             return
         if not process.socket_inode:
             raise CallerRefused("the connection could not be identified; reconnect")

@@ -4,6 +4,7 @@ the /proc descriptor scan against real processes and real sockets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import shutil
@@ -249,6 +250,10 @@ def test_guard_checks_at_accept_and_at_each_call_only_while_enabled(world: World
         assert guard.scans == 4  # refused on the accept-time verdict
         guard.closed(mine)
         guard.closed(forked)
+        unseen = dataclasses.replace(forked, exe=None)  # the agent could not see its executable:
+        guard.accepted(unseen)
+        await guard.verify(unseen)  # no unix:path / unix:sha256 for it, so nothing to protect
+        assert guard.scans == 4
         enabled[0] = False
         guard.accepted(forked)
         await guard.verify(forked)  # no binary selector in use: nothing to protect, nothing scanned
