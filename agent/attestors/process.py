@@ -140,11 +140,27 @@ def process_for(
 ) -> ProcessInfo:
     """Called right after accept(): captures the facts about the process that connected.
 
-    The start time and executable are read before and after the rest, so a process that exec'd or exited
-    while we looked is refused rather than described half before, half after.
+    The start time and executable are read before and after the rest. A process that exec'd while we looked
+    is looked at again (an exec racing the capture is an exec before accept: the facts describe what it runs
+    now, and another process holding the connection is what gives such a caller away); one that exited is
+    refused.
     """
     if creds.pid <= 0:
         raise AttestationError("peer credentials carry no pid (peer in another PID namespace?)")
+    for _ in range(_CAPTURE_ATTEMPTS):
+        process = _capture(creds, proc_root, socket_inode)
+        if process is not None:
+            if pidfd is not None:
+                _check_alive(pidfd)
+            return process
+    raise CallerRefused(f"the process that connected kept exec'ing while it was being looked at ({creds.pid})")
+
+
+_CAPTURE_ATTEMPTS = 3
+
+
+def _capture(creds: PeerCredentials, proc_root: str, socket_inode: int) -> ProcessInfo | None:
+    """One consistent look at the process, or None when it exec'd meanwhile."""
     proc = f"{proc_root}/{creds.pid}"
     start = _start_time(creds.pid, proc_root)
     exe = read_exe(creds.pid, proc_root)
@@ -157,9 +173,7 @@ def process_for(
     if _start_time(creds.pid, proc_root) != start:
         raise CallerRefused(EXITED)
     if _exe_key(creds.pid, proc_root) != (None if exe is None else (exe.dev, exe.ino)):
-        raise CallerRefused(EXECED)
-    if pidfd is not None:
-        _check_alive(pidfd)
+        return None
     return ProcessInfo(
         creds.pid, creds.uid, creds.gid, start, exe=exe, cgroup=cgroup, groups=groups, socket_inode=socket_inode
     )

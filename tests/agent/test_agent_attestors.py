@@ -164,6 +164,30 @@ def test_every_call_refuses_a_process_that_exec_d_moved_or_exited(tmp_path: Path
         process_for(PeerCredentials(pid=4242, uid=1000, gid=1000), str(fake.proc))
 
 
+def test_an_exec_racing_the_capture_is_captured_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process exec'd while the agent looked at it: the facts describe the new program (what it runs from
+    then on), never half the old one and half the new one."""
+    from tessera.agent.attestors import process as process_module
+
+    fake = FakeProc(tmp_path)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"old")
+    new.write_bytes(b"new")
+    fake.process(4242, 777, "/", old)
+    real = process_module._exe_key
+    calls = [0]
+
+    def exec_during_the_first_look(pid: int, proc_root: str) -> tuple[int, int] | None:
+        calls[0] += 1
+        if calls[0] == 2:  # between the first read and its re-check
+            fake.process(4242, 777, "/", new)
+        return real(pid, proc_root)
+
+    monkeypatch.setattr(process_module, "_exe_key", exec_during_the_first_look)
+    process = process_for(PeerCredentials(pid=4242, uid=1000, gid=1000), str(fake.proc))
+    assert process.exe is not None and process.exe.path == str(new) and process.exe.ino == os.stat(new).st_ino
+
+
 def test_a_binary_replaced_on_disk_is_still_the_program_that_runs(tmp_path: Path) -> None:
     fake = FakeProc(tmp_path)
     exe = tmp_path / "bin"
