@@ -127,6 +127,7 @@ class WorkloadCache:
         self._requested: set[str] = set()
         self._memo: dict[frozenset[str], Entitlement] = {}
         self._memo_version = -1
+        self._selector_types: frozenset[str] = frozenset()
         self.sign_wanted = asyncio.Event()  # set when a workload needs an SVID the cache lacks
 
     # -- change notification --------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class WorkloadCache:
         if new == self.entries:
             return False
         self.entries = new
+        self._selector_types = _selector_types(new.values())
         for entry_id, svid in list(self.svids.items()):
             current = new.get(entry_id)
             if current is None or current.signing_inputs() != svid.signing_inputs:
@@ -291,6 +293,11 @@ class WorkloadCache:
 
     # -- what workloads get ----------------------------------------------------------------------------
 
+    def uses_selector_type(self, selector_type: str) -> bool:
+        """Whether some workload entry has a selector of this type (``unix:sha256``, or just ``unix``): what
+        attestation may skip (hashing executables) or must add (the shared-connection check) depends on it."""
+        return selector_type in self._selector_types
+
     def matching_entries(self, selectors: frozenset[str]) -> list[EntryRecord]:
         now = self._clock()
         found = [
@@ -379,6 +386,20 @@ class WorkloadCache:
 
     def jwt_keys(self) -> dict[str, TrustBundle]:
         return dict(self.bundles)
+
+
+def _selector_types(entries: Iterable[EntryRecord]) -> frozenset[str]:
+    """Every ``type`` and ``type:subtype`` prefix of the workload entries' selectors (``unix``, ``unix:sha256``)."""
+    types: set[str] = set()
+    for entry in entries:
+        if entry.node:
+            continue  # never matched against a workload
+        for selector in entry.selectors:
+            parts = selector.split(":", 2)
+            types.add(parts[0])
+            if len(parts) == 3:
+                types.add(f"{parts[0]}:{parts[1]}")
+    return frozenset(types)
 
 
 def make_cached_svid(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera._daemon.sockets import path_length_problem
-from tessera.agent.attestors import default_attestors
+from tessera.agent.attestors import DEFAULT_MAX_HASH_BYTES, ExecutableHasher, default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
 from tessera.agent.errors import AgentError, NodeIdentityError, ServerUnavailableError
@@ -57,6 +57,12 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MAX_STREAMS_PER_CALLER,
         help="open Workload API streams allowed per caller uid (0 = no limit)",
     ),
+    Setting(
+        "workload_attestor_max_hash_bytes",
+        "int",
+        DEFAULT_MAX_HASH_BYTES,
+        help="largest executable hashed for unix:sha256 selectors, in bytes; larger ones get none (logged)",
+    ),
 )
 
 
@@ -69,6 +75,7 @@ class AgentSettings:
     cache_max: int
     metrics_address: tuple[str, int] | None = None
     max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
+    max_hash_bytes: int = DEFAULT_MAX_HASH_BYTES
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> AgentSettings:
@@ -94,6 +101,10 @@ class AgentSettings:
         max_streams = DEFAULT_MAX_STREAMS_PER_CALLER if max_streams is None else int(max_streams)
         if max_streams < 0:
             raise ConfigError("workload_api_max_streams_per_caller: must be 0 (no limit) or positive")
+        max_hash = values.get("workload_attestor_max_hash_bytes")
+        max_hash = DEFAULT_MAX_HASH_BYTES if max_hash is None else int(max_hash)
+        if max_hash < 0:
+            raise ConfigError("workload_attestor_max_hash_bytes: must be 0 (never hash) or positive")
         return cls(
             node=NodeConfig(
                 trust_domain=td,
@@ -112,6 +123,7 @@ class AgentSettings:
             cache_max=int(values["x509_svid_cache_max_size"]),
             metrics_address=metrics_address,
             max_streams_per_caller=max_streams,
+            max_hash_bytes=max_hash,
         )
 
 
@@ -154,11 +166,13 @@ class Agent:
         )
         # Metrics (opt-in) and the per-caller stream cap (always) wrap the Workload API; see tessera.agent.metrics.
         self.metrics = AgentMetrics() if settings.metrics_address is not None else None
+        self.hasher = ExecutableHasher(max_bytes=settings.max_hash_bytes)
         self._metrics_listener: MetricsListener | None = None
         self.endpoint = WorkloadEndpoint(
             settings.socket,
             self.cache,
-            default_attestors(),
+            # Executables are hashed only while some entry selects by unix:sha256, and never above the bound.
+            default_attestors(selector_in_use=self.cache.uses_selector_type, hasher=self.hasher),
             minter=self.sync.mint_jwt,
             interceptors=[
                 WorkloadApiInterceptor(
@@ -168,7 +182,7 @@ class Agent:
         )
         if self.metrics is not None:
             instrument_sync(self.sync, self.metrics)
-            self.metrics.registry.register(AgentStateCollector(self.cache, self.sync, self.node))
+            self.metrics.registry.register(AgentStateCollector(self.cache, self.sync, self.node, hasher=self.hasher))
 
     def _caller_uid(self, peer: str) -> int | None:
         process = self.endpoint.registry.lookup(peer)

@@ -13,6 +13,12 @@ class AttestationError(AgentError):
     """A caller could not be attested (its process went away or changed while we looked)."""
 
 
+class CallerRefused(AttestationError):
+    """The connection no longer speaks for the process that opened it: that process exec'd, moved to another
+    cgroup or exited since the connection was accepted, or another process holds the connection too. Answered
+    PERMISSION_DENIED with the reason."""
+
+
 class NodeIdentityError(AgentError):
     """The agent has no usable identity with the server and cannot get one without an operator."""
 

@@ -8,8 +8,10 @@ uid: processes of one user can cooperate to get around a per-process cap, but no
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Hashable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 DEFAULT_MAX_STREAMS_PER_CALLER = 1024
 
@@ -57,4 +59,58 @@ class ConcurrencyLimiter:
             self.release(key)
 
 
-__all__ = ["DEFAULT_MAX_STREAMS_PER_CALLER", "ConcurrencyLimiter", "StreamLimitExceeded"]
+class KeyedGate:
+    """At most ``limit`` holders per key at a time; the others wait their turn (first come, first served).
+
+    For work a caller can make expensive (hashing its executable, scanning /proc for who holds its
+    connection): keyed by caller uid, one uid's backlog queues behind itself, never in front of another uid.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._active: dict[Hashable, int] = {}
+        self._waiting: dict[Hashable, deque[asyncio.Future[None]]] = {}
+
+    def active(self, key: Hashable) -> int:
+        return self._active.get(key, 0)
+
+    @asynccontextmanager
+    async def slot(self, key: Hashable) -> AsyncIterator[None]:
+        if self._active.get(key, 0) >= self.limit or self._waiting.get(key):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue = self._waiting.setdefault(key, deque())
+            queue.append(waiter)
+            try:
+                await waiter  # the releasing holder hands its slot over (the count stays)
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._release(key)  # handed a slot we will not use
+                else:
+                    queue.remove(waiter)
+                    if not queue:
+                        self._waiting.pop(key, None)
+                raise
+        else:
+            self._active[key] = self._active.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._release(key)
+
+    def _release(self, key: Hashable) -> None:
+        queue = self._waiting.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not queue:
+                self._waiting.pop(key, None)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        count = self._active.get(key, 0) - 1
+        if count > 0:
+            self._active[key] = count
+        else:
+            self._active.pop(key, None)
+
+
+__all__ = ["DEFAULT_MAX_STREAMS_PER_CALLER", "ConcurrencyLimiter", "KeyedGate", "StreamLimitExceeded"]

@@ -9,7 +9,7 @@ past its rotation time). Labels never carry SPIFFE IDs, uids or pids (unbounded 
 - :class:`WorkloadApiInterceptor` wraps the Workload API's gRPC methods (and enforces the per-caller stream
   cap of :mod:`tessera.agent.limits`, answering RESOURCE_EXHAUSTED);
 - :func:`instrument_sync` times each sync round of a :class:`~tessera.agent.sync.SyncLoop`;
-- :class:`AgentStateCollector` reads the cache and the node identity at scrape time.
+- :class:`AgentStateCollector` reads the cache, the node identity and the executable hasher at scrape time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from tessera.agent.endpoint.holders import CLOSED, NOT_HELD, SHARED_PREFIX
 from tessera.agent.limits import ConcurrencyLimiter, StreamLimitExceeded
 from tessera.sdk.grpc import rewrap_handler
 from tessera.sdk.metrics import MetricsListener
@@ -122,6 +123,10 @@ def _code_name(context: Any) -> str:
 def _failure_reason(code: str, details: str) -> str | None:
     """Callers turned away for who they are (not for what they asked): the attestation failure reasons."""
     if code == "PERMISSION_DENIED":
+        if details.startswith("the process that connected has"):
+            return "caller_changed"  # exec'd, moved to another cgroup or exited since it connected
+        if details.startswith((SHARED_PREFIX, NOT_HELD, CLOSED, "cannot check who holds")):
+            return "shared_connection"
         return "no_identity"
     if code == "UNAVAILABLE" and "attestation failed" in details:
         return "attestation_error"
@@ -247,11 +252,14 @@ def _snapshot(values: Callable[[], Any]) -> list[Any]:
 class AgentStateCollector(Collector):
     """Reads the workload cache, the sync loop and the node identity when Prometheus scrapes."""
 
-    def __init__(self, cache: Any, sync_loop: Any, node: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cache: Any, sync_loop: Any, node: Any, clock: Callable[[], float] = time.time, *, hasher: Any = None
+    ) -> None:
         self._cache = cache
         self._sync = sync_loop
         self._node = node
         self._clock = clock
+        self._hasher = hasher
 
     def describe(self) -> Iterator[Any]:
         return iter(())
@@ -293,6 +301,25 @@ class AgentStateCollector(Collector):
         since = GaugeMetricFamily("tessera_agent_sync_seconds_since_success", "seconds since the last good sync")
         since.add_metric([], now - last if last else float("nan"))
         yield since
+        if self._hasher is not None:
+            yield from self._hashing()
+
+    def _hashing(self) -> Iterator[Any]:
+        hasher = self._hasher
+        hashed = CounterMetricFamily(
+            "tessera_agent_executables_hashed", "executables hashed for unix:sha256 selectors (digest cache misses)"
+        )
+        hashed.add_metric([], float(hasher.cache.computed))
+        yield hashed
+        hashed_bytes = CounterMetricFamily("tessera_agent_executable_hash_bytes", "bytes read to hash executables")
+        hashed_bytes.add_metric([], float(hasher.bytes_hashed))
+        yield hashed_bytes
+        too_large = CounterMetricFamily(
+            "tessera_agent_executables_too_large",
+            "executables not hashed for their size (above workload_attestor_max_hash_bytes)",
+        )
+        too_large.add_metric([], float(hasher.too_large))
+        yield too_large
 
 
 __all__ = [

@@ -8,7 +8,14 @@ process with a warm cache:
    round trip over a Unix socket served by the same child process;
 2. the same with a new connection per call (connect + SO_PEERCRED + attestation included);
 3. the time until N open FetchX509SVID streams all hold a rotated SVID;
-4. attestation cost per connection (SO_PEERCRED -> /proc -> selectors, digest cached).
+4. attestation cost per connection, as the agent pays it: facts captured at accept (SO_PEERCRED, pidfd,
+   start time, executable, cgroup), the per-call check that the process is unchanged, the attestors (digest
+   cached); without and with binary selectors (unix:path / unix:sha256) in use, which add the check that no
+   other process holds the connection (sock_diag + a scan of /proc/<pid>/fd) at accept and at the call:
+   skipping processes that run entirely as root or the agent's uid (what the agent does), and scanning
+   every process (the cost on a host whose processes mostly run as other users).
+
+    .venv/bin/python bench/bench_workload_api.py --only-attestation [--requests 1000]
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import time
 
 import grpc
 
-from tessera.agent.attestors import PeerCredentials, attest, default_attestors, process_for
+from tessera.agent.attestors import attest, check_unchanged, default_attestors
 from tessera.agent.bundles import parse_bundle_document
 from tessera.agent.cache import EntryRecord, WorkloadCache, make_cached_svid
-from tessera.agent.endpoint.relay import peer_credentials
+from tessera.agent.endpoint.holders import connection_verdict
+from tessera.agent.endpoint.relay import capture_caller
 from tessera.agent.endpoint.server import WorkloadEndpoint
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.testing import TestCA
@@ -178,20 +186,53 @@ async def bench_fanout(directory: str, server: subprocess.Popen[bytes], n: int) 
         await ch.close()
 
 
+def _host_size() -> str:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    fds = 0
+    for pid in pids:
+        try:
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+    return f"{len(pids)} processes, {fds} descriptors"
+
+
 async def bench_attestation(n: int) -> None:
-    attestors = default_attestors()
-    a, b = socket.socketpair(socket.AF_UNIX)
-    await attest(process_for(peer_credentials(a)), attestors)  # digest computed once here
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        creds: PeerCredentials = peer_credentials(a)
-        await attest(process_for(creds), attestors)
-        samples.append(time.perf_counter() - t)
-    a.close()
-    b.close()
-    print("Attestation per connection (SO_PEERCRED + /proc + selectors, digest cached):")
-    print(f"  {fmt(samples)}   mean {statistics.mean(samples) * 1e6:.0f} us")
+    """Per real connection: accept-time capture, the call's checks and the attestors, in one process."""
+    directory = tempfile.mkdtemp(prefix="tsbench-att-", dir="/tmp")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{directory}/a.sock")
+    listener.listen()
+    me, everyone = frozenset({0, os.geteuid()}), frozenset()
+    cases: list[tuple[str, bool, frozenset[int]]] = [
+        ("no binary selector in use", False, me),
+        ("binary selectors in use", True, me),
+        ("binary selectors, scan every process", True, everyone),
+    ]
+    print(f"Attestation per connection ({_host_size()}; digest cached, as after a workload's first call):")
+    for label, binary, trusted in cases:
+        attestors = default_attestors(selector_in_use=lambda t, b=binary: b or not t.startswith("unix:"))
+        samples = []
+        for i in range(n + 20):
+            client_end = socket.socket(socket.AF_UNIX)
+            client_end.connect(f"{directory}/a.sock")
+            ours, _ = listener.accept()
+            t = time.perf_counter()
+            process = capture_caller(ours)  # at accept
+            if binary:
+                assert connection_verdict(process, trusted_uids=trusted, self_pid=-1) is None
+            check_unchanged(process)  # at the call
+            if binary:
+                assert connection_verdict(process, trusted_uids=trusted, self_pid=-1) is None
+            await attest(process, attestors)
+            if i >= 20:  # the first calls hash the interpreter once and warm the caches
+                samples.append(time.perf_counter() - t)
+            ours.close()
+            client_end.close()
+        print(f"  {label:38s} {fmt(samples)}   mean {statistics.mean(samples) * 1e6:.0f} us")
+    listener.close()
+    os.unlink(f"{directory}/a.sock")
+    os.rmdir(directory)
 
 
 async def client(args: argparse.Namespace) -> None:
@@ -203,8 +244,9 @@ async def client(args: argparse.Namespace) -> None:
         if line.strip() != b"ready":
             raise SystemExit("benchmark server did not start")
         print(f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs")
-        await bench_latency(directory, args.requests)
-        await bench_fanout(directory, server, args.streams)
+        if not args.only_attestation:
+            await bench_latency(directory, args.requests)
+            await bench_fanout(directory, server, args.streams)
         await bench_attestation(args.requests)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -216,6 +258,7 @@ def main() -> None:
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--only-attestation", action="store_true", help="only the attestation cost per connection")
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve(args.serve))

@@ -2,72 +2,60 @@
 
 An attestor turns kernel facts about a caller into selectors (``type:value`` strings such as
 ``unix:uid:1000``). New attestors (kubelet, Docker API, ...) only implement :class:`WorkloadAttestor`.
-Nothing the client sends is ever an input: the pipeline starts from the socket's peer credentials.
+Nothing the client sends is ever an input: the pipeline starts from the facts captured when the connection
+was accepted (:mod:`tessera.agent.attestors.process`), and refuses a caller that is no longer that process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from tessera.agent.attestors.procfs import parse_stat_start_time
-from tessera.agent.errors import AttestationError
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """SO_PEERCRED of a Unix socket connection, as the kernel recorded them at connect()."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
-    """The caller as the attestors see it: peer credentials plus the process start time."""
-
-    pid: int
-    uid: int
-    gid: int
-    start_time: int  # clock ticks since boot (field 22 of /proc/<pid>/stat)
+from tessera.agent.attestors.process import (
+    ExeIdentity,
+    PeerCredentials,
+    ProcessInfo,
+    check_unchanged,
+    process_for,
+    read_start_time,
+)
 
 
 class WorkloadAttestor(Protocol):
     name: str
 
     async def attest(self, process: ProcessInfo) -> Sequence[str]:
-        """Selectors (``type:value``) for the process; may raise AttestationError."""
+        """Selectors (``type:value``) for the process; may raise AttestationError (CallerRefused)."""
         ...
 
 
-def read_start_time(pid: int, proc_root: str = "/proc") -> int:
-    try:
-        return parse_stat_start_time((Path(proc_root) / str(pid) / "stat").read_text())
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise AttestationError(f"process {pid} has exited") from exc
-    except (OSError, ValueError) as exc:
-        raise AttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
-
-
-def process_for(creds: PeerCredentials, proc_root: str = "/proc") -> ProcessInfo:
-    """Called right after accept(): pins the process start time so a reused PID is noticed later."""
-    if creds.pid <= 0:
-        raise AttestationError("peer credentials carry no pid (peer in another PID namespace?)")
-    return ProcessInfo(creds.pid, creds.uid, creds.gid, read_start_time(creds.pid, proc_root))
-
-
 async def attest(
-    process: ProcessInfo, attestors: Sequence[WorkloadAttestor], proc_root: str = "/proc"
+    process: ProcessInfo,
+    attestors: Sequence[WorkloadAttestor],
+    proc_root: str = "/proc",
+    *,
+    verify: Callable[[ProcessInfo], Awaitable[None]] | None = None,
 ) -> frozenset[str]:
-    """Runs every attestor; the PID must belong to the same process before and after (start time)."""
-    if read_start_time(process.pid, proc_root) != process.start_time:
-        raise AttestationError(f"process {process.pid} is not the process that connected (PID reused)")
+    """Runs every attestor over the captured facts; the pid must still run what was captured, before and after
+    (not exited or reused, not exec'd, not moved to another cgroup), else CallerRefused. ``verify`` may refuse
+    the caller too, before any attestor runs (the endpoint's: whether another process holds the connection)."""
+    check_unchanged(process, proc_root)
+    if verify is not None:
+        await verify(process)
     selectors: set[str] = set()
     for attestor in attestors:
         selectors.update(await attestor.attest(process))
-    if read_start_time(process.pid, proc_root) != process.start_time:
-        raise AttestationError(f"process {process.pid} changed during attestation (PID reused)")
+    check_unchanged(process, proc_root)
     return frozenset(selectors)
+
+
+__all__ = [
+    "ExeIdentity",
+    "PeerCredentials",
+    "ProcessInfo",
+    "WorkloadAttestor",
+    "attest",
+    "check_unchanged",
+    "process_for",
+    "read_start_time",
+]

@@ -34,6 +34,15 @@ def parse_stat_start_time(text: str) -> int:
     return int(rest[19])
 
 
+def parse_stat_state(text: str) -> str:
+    """Returns field 3 (state: R, S, D, Z for a zombie, X dead...) of /proc/<pid>/stat."""
+    end = text.rfind(")")
+    rest = text[end + 1 :].split() if end >= 0 else []
+    if not rest:
+        raise ValueError("malformed /proc/<pid>/stat: no state")
+    return rest[0]
+
+
 def parse_status(text: str) -> ProcStatus:
     uids: tuple[int, ...] = ()
     gids: tuple[int, ...] = ()
@@ -77,3 +86,52 @@ def parse_cgroup(text: str) -> list[CgroupLine]:
             )
         )
     return lines
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of /proc/self/mountinfo, the fields the cgroup attestor needs."""
+
+    root: str  # the directory of the mounted filesystem shown at mount_point ("/" for a whole cgroup hierarchy)
+    mount_point: str
+    fstype: str
+    super_options: frozenset[str]
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as ``\040``-style octal."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        chunk = field[i : i + 4]
+        if len(chunk) == 4 and chunk[0] == "\\" and all(c in "01234567" for c in chunk[1:]):
+            out.append(chr(int(chunk[1:], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Parses /proc/<pid>/mountinfo (``id parent major:minor root mount_point options [optional...] - fstype
+    source super_options``); malformed lines are skipped (they never describe a cgroup hierarchy)."""
+    mounts: list[Mount] = []
+    for raw in text.splitlines():
+        fields = raw.split(" ")
+        try:
+            dash = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) < dash + 4:
+            continue
+        mounts.append(
+            Mount(
+                root=_unescape(fields[3]),
+                mount_point=_unescape(fields[4]),
+                fstype=fields[dash + 1],
+                super_options=frozenset(fields[dash + 3].split(",")),
+            )
+        )
+    return mounts

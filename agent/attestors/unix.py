@@ -1,70 +1,26 @@
-"""``unix`` selectors: uid, gid, user, group, supplementary groups, executable path and digest."""
+"""``unix`` selectors: uid, gid, user, group, supplementary groups, executable path and digest.
+
+Every input is a fact captured when the connection was accepted (:class:`ProcessInfo`): uid and gid from
+SO_PEERCRED, groups, and the executable's inode and path. The digest is computed lazily (only when some entry
+uses ``unix:sha256``) from that same inode, within the bounds of :mod:`tessera.agent.attestors.digest`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import grp
-import hashlib
-import logging
-import os
 import pwd
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import BinaryIO
 
-from tessera.agent.attestors.base import ProcessInfo
-from tessera.agent.attestors.procfs import parse_status
+from tessera.agent.attestors.digest import DigestCache, ExecutableHasher
+from tessera.agent.attestors.process import ProcessInfo
 
-log = logging.getLogger(__name__)
-
-_FileKey = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
+SelectorInUse = Callable[[str], bool]
+"""``in_use("unix:sha256")``: whether some registration entry on this agent has a selector of that type."""
 
 
-class DigestCache:
-    """SHA-256 of executables keyed by (device, inode, size, mtime): a binary is hashed once, and again
-    only when it is replaced or rewritten. Bounded (LRU) so a host running many binaries stays small."""
-
-    def __init__(self, max_entries: int = 4096) -> None:
-        self._max = max_entries
-        self._digests: OrderedDict[_FileKey, str] = OrderedDict()
-        self.computed = 0  # how many times a file was actually hashed (observable in tests)
-
-    def get(self, key: _FileKey) -> str | None:
-        digest = self._digests.get(key)
-        if digest is not None:
-            self._digests.move_to_end(key)
-        return digest
-
-    def put(self, key: _FileKey, digest: str) -> None:
-        self._digests[key] = digest
-        self._digests.move_to_end(key)
-        while len(self._digests) > self._max:
-            self._digests.popitem(last=False)
-
-    async def digest(self, path: str) -> str | None:
-        """Digest of the file ``path`` (normally /proc/<pid>/exe, which opens the very inode executed)."""
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            cached = self.get(key)
-            if cached is not None:
-                return cached
-            digest = await asyncio.to_thread(_sha256_file, f)
-        self.computed += 1
-        self.put(key, digest)
-        return digest
-
-
-def _sha256_file(f: BinaryIO) -> str:
-    h = hashlib.sha256()
-    while True:
-        chunk = f.read(1 << 20)
-        if not chunk:
-            break
-        h.update(chunk)
-    return h.hexdigest()
+def _always(selector_type: str) -> bool:
+    return True
 
 
 class _NameCache:
@@ -98,10 +54,20 @@ _group_name = _NameCache(lambda gid: grp.getgrgid(gid).gr_name)
 class UnixAttestor:
     name = "unix"
 
-    def __init__(self, proc_root: str = "/proc", digests: DigestCache | None = None, with_digest: bool = True) -> None:
-        self._proc = Path(proc_root)
-        self.digests = digests or DigestCache()
-        self._with_digest = with_digest
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        hasher: ExecutableHasher | None = None,
+        *,
+        selector_in_use: SelectorInUse | None = None,
+    ) -> None:
+        self._proc = proc_root
+        self.hasher = hasher or ExecutableHasher()
+        self._in_use = selector_in_use or _always
+
+    @property
+    def digests(self) -> DigestCache:
+        return self.hasher.cache
 
     async def attest(self, process: ProcessInfo) -> Sequence[str]:
         # uid/gid come from SO_PEERCRED (what the process was at connect time), not from anything sent.
@@ -112,33 +78,21 @@ class UnixAttestor:
         group = _group_name(process.gid)
         if group is not None:
             selectors.append(f"unix:group:{group}")
-        proc_dir = self._proc / str(process.pid)
-        try:
-            status = parse_status((proc_dir / "status").read_text())
-        except FileNotFoundError:
-            return selectors  # the process is gone: the pipeline's start-time check refuses it
-        for gid in status.groups:
+        for gid in process.groups or ():
             selectors.append(f"unix:supplementary_gid:{gid}")
             name = _group_name(gid)
             if name is not None:
                 selectors.append(f"unix:supplementary_group:{name}")
-        exe = proc_dir / "exe"
-        try:
-            target = os.readlink(exe)
-        except OSError as exc:  # kernel threads, or no permission to look
-            log.debug("cannot read %s: %s", exe, exc)
-            return selectors
-        if target.endswith(" (deleted)"):
-            # The binary was replaced on disk; the path no longer names what runs. Still hash what runs.
-            target = ""
-        if target:
-            selectors.append(f"unix:path:{target}")
-        if self._with_digest:
-            try:
-                digest = await self.digests.digest(str(exe))
-            except OSError as exc:
-                log.debug("cannot hash %s: %s", exe, exc)
-                digest = None
+        exe = process.exe
+        if exe is None:
+            return selectors  # not readable (the agent may not look at this process)
+        if exe.path:
+            selectors.append(f"unix:path:{exe.path}")
+        if self._in_use("unix:sha256"):
+            digest = await self.hasher.digest(process, self._proc)
             if digest:
                 selectors.append(f"unix:sha256:{digest}")
         return selectors
+
+
+__all__ = ["DigestCache", "SelectorInUse", "UnixAttestor"]

@@ -1,7 +1,8 @@
 """The public Workload API socket: learns each caller from the kernel, then relays bytes to gRPC.
 
 grpcio does not expose a Unix socket peer's credentials, so the agent owns the public socket itself. For
-every accepted connection it reads SO_PEERCRED and pins the process start time, then connects to the
+every accepted connection it reads SO_PEERCRED and captures the facts about the process that connected
+(start time, executable, cgroup: :func:`~tessera.agent.attestors.process.process_for`), then connects to the
 internal gRPC server from a socket *bound to a fresh path* inside a private 0700 directory. The internal
 server's ``context.peer()`` reads ``unix:<that path>``, which :class:`PeerRegistry` maps back to the
 recorded caller. Nothing the client sends takes part in identifying it.
@@ -22,18 +23,39 @@ import struct
 
 from tessera._daemon.errors import SocketClaimError
 from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
-from tessera.agent.attestors.base import PeerCredentials, ProcessInfo, process_for
+from tessera.agent.attestors.process import PeerCredentials, ProcessInfo, process_for
+from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.errors import AgentError, AttestationError
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
 _BACKLOG = 4096
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python names it from 3.13
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd for the very process that connected (None where the kernel has no SO_PEERPIDFD)."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return None
+
+
+def capture_caller(sock: socket.socket, proc_root: str = "/proc") -> ProcessInfo:
+    """The facts about the process at the other end of an accepted connection, kept with the connection."""
+    creds = peer_credentials(sock)
+    pidfd = peer_pidfd(sock)
+    try:
+        return process_for(creds, proc_root, pidfd=pidfd, socket_inode=os.fstat(sock.fileno()).st_ino)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 class PeerRegistry:
@@ -78,6 +100,8 @@ class _Pipe:
             self.internal.close()
         if self.bound_path:
             self.relay.registry.unregister(self.bound_path)
+        if self.process is not None and self.relay.guard is not None:
+            self.relay.guard.closed(self.process)
         self.relay.connections.discard(self)
 
 
@@ -92,11 +116,14 @@ class _PublicSide(asyncio.Protocol):
         pipe.relay.connections.add(pipe)
         sock = transport.get_extra_info("socket")
         try:
-            pipe.process = process_for(peer_credentials(sock), pipe.relay.proc_root)
+            pipe.process = capture_caller(sock, pipe.relay.proc_root)
         except (OSError, AttestationError) as exc:
-            # The caller vanished before we could look at it; nothing to serve.
+            # The caller vanished (or exec'd) before we could look at it; nothing to serve.
             log.info("dropping connection: %s", exc)
             pipe.close()
+            return
+        if pipe.relay.guard is not None:
+            pipe.relay.guard.accepted(pipe.process)
 
     def data_received(self, data: bytes) -> None:
         pipe = self.pipe
@@ -162,6 +189,7 @@ class WorkloadRelay:
         *,
         proc_root: str = "/proc",
         socket_mode: int = PUBLIC_SOCKET_MODE,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self.public_path = public_path
         self.internal_path = internal_path
@@ -169,6 +197,7 @@ class WorkloadRelay:
         self.registry = registry
         self.proc_root = proc_root
         self.socket_mode = socket_mode
+        self.guard = guard
         self.connections: set[_Pipe] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tessera.agent.attestors.base import WorkloadAttestor
 from tessera.agent.cache import WorkloadCache
+from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.endpoint.relay import PeerRegistry, WorkloadRelay
 from tessera.agent.endpoint.service import JwtMinter, WorkloadApiServicer
 from tessera.proto import workload_pb2
@@ -63,6 +64,11 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def binary_selectors_in_use(cache: WorkloadCache) -> bool:
+    """Whether some entry selects by executable: the selectors a forked or handed-over connection could forge."""
+    return cache.uses_selector_type("unix:path") or cache.uses_selector_type("unix:sha256")
+
+
 class WorkloadEndpoint:
     def __init__(
         self,
@@ -78,6 +84,8 @@ class WorkloadEndpoint:
         self.socket_path = socket_path
         self._interceptors = list(interceptors)
         self.registry = PeerRegistry()
+        # Who holds a connection matters only while some entry selects by executable (unix:path, unix:sha256).
+        self.guard = ConnectionGuard(proc_root, lambda: binary_selectors_in_use(cache))
         self.servicer = WorkloadApiServicer(
             cache,
             self.registry,
@@ -85,6 +93,7 @@ class WorkloadEndpoint:
             minter=minter,
             proc_root=proc_root,
             first_response_timeout=first_response_timeout,
+            guard=self.guard,
         )
         self.health = health.aio.HealthServicer()
         self._private_dir = ""
@@ -112,7 +121,12 @@ class WorkloadEndpoint:
         await server.start()
         self._server = server
         self.relay = WorkloadRelay(
-            self.socket_path, internal, f"{self._private_dir}/c", self.registry, proc_root=self._proc_root
+            self.socket_path,
+            internal,
+            f"{self._private_dir}/c",
+            self.registry,
+            proc_root=self._proc_root,
+            guard=self.guard,
         )
         try:
             await self.relay.start()

@@ -1,6 +1,9 @@
 """The five Workload API RPCs, with the semantics of SPIFFE.md section 2.
 
-Callers are identified only through the relay's peer registry (kernel credentials), attested per call.
+Callers are identified only through the relay's peer registry: the facts captured when their connection was
+accepted. Each call first checks that the connecting process is still that process (not exec'd, moved or
+exited) and, while an entry selects by executable, that no other process holds the connection; a caller that
+fails either is refused with PERMISSION_DENIED and the reason. Then the attestors run over the facts.
 Streams send their first message at once and a complete new message on every change, wake on the cache's
 shared change event, and never end with OK: PermissionDenied when the caller's last identity goes away,
 Unavailable when the agent shuts down.
@@ -20,8 +23,9 @@ from google.protobuf import struct_pb2
 
 from tessera.agent.attestors.base import WorkloadAttestor, attest
 from tessera.agent.cache import CachedJwt, EntryRecord, WorkloadCache
+from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.endpoint.relay import PeerRegistry
-from tessera.agent.errors import AgentError, AttestationError
+from tessera.agent.errors import AgentError, AttestationError, CallerRefused
 from tessera.agent.jwtvalidate import JwtValidationError, validate_jwt_svid
 from tessera.proto import workload_pb2 as wpb
 from tessera.sdk.errors import SpiffeIdError
@@ -47,12 +51,14 @@ class WorkloadApiServicer:
         minter: JwtMinter | None = None,
         proc_root: str = "/proc",
         first_response_timeout: float = 30.0,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
         self.attestors = list(attestors)
         self.minter = minter
         self.proc_root = proc_root
+        self.guard = guard
         self.first_response_timeout = first_response_timeout
         self.shutting_down = False
         self.attestations = 0
@@ -85,7 +91,10 @@ class WorkloadApiServicer:
         if process is None:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, "caller could not be identified; retry")
         try:
-            selectors = await attest(process, self.attestors, self.proc_root)
+            verify = None if self.guard is None else self.guard.verify
+            selectors = await attest(process, self.attestors, self.proc_root, verify=verify)
+        except CallerRefused as exc:
+            await self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except AttestationError as exc:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"workload attestation failed: {exc}")
         self.attestations += 1

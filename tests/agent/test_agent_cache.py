@@ -193,3 +193,22 @@ def test_fan_out_wakes_a_thousand_waiters_with_one_change() -> None:
         assert woke == 1000
 
     asyncio.run(main())
+
+
+def test_selector_types_in_use_follow_the_entries() -> None:
+    """What attestation may skip (hashing) or must add (who holds the connection) follows the entries."""
+    ca = TestCA("example.org")
+    cache = make_cache(ca)
+    assert not cache.uses_selector_type("unix")
+    cache.apply_entries([entry("a", ca, "/a", ["unix:uid:1000"])])
+    assert cache.uses_selector_type("unix") and cache.uses_selector_type("unix:uid")
+    assert not cache.uses_selector_type("unix:sha256") and not cache.uses_selector_type("unix:path")
+    cache.apply_entries([entry("b", ca, "/b", ["unix:sha256:" + "ab" * 32, "unix:path:/usr/bin/x:y"])])
+    assert cache.uses_selector_type("unix:sha256") and cache.uses_selector_type("unix:path")
+    node = EntryRecord("n", "spiffe://example.org/node", frozenset({"k8s:pod-uid:1"}), node=True)
+    cache.apply_entries([node])
+    assert not cache.uses_selector_type("k8s")  # node entries are never matched against a workload
+    cache.apply_entries([], ["b"])
+    assert not cache.uses_selector_type("unix:sha256") and cache.uses_selector_type("unix:uid")
+    cache.apply_entries([], full=True)
+    assert not cache.uses_selector_type("unix")
