@@ -17,6 +17,7 @@ import json
 import os
 import pwd
 import queue
+import secrets
 import shlex
 import shutil
 import signal
@@ -246,6 +247,23 @@ def group_alive(pgid: int) -> bool:
 
 
 def free_port() -> int:
+    """A free port on 127.0.0.1 for a daemon to bind a moment later, chosen below the kernel's ephemeral range:
+    ports from ``bind(0)`` come from the range every outgoing connection also draws from, so on a busy host one
+    could be taken between this check and the daemon's bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            floor = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        floor = 32768
+    low = 10000 if floor > 12000 else 1024
+    for _ in range(200):
+        port = low + secrets.randbelow(floor - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

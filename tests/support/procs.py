@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,7 +24,30 @@ VENV_SITE = os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "lib"
 NOBODY = 65534
 
 
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on, for a daemon to bind a moment later.
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out for ``bind(0)`` comes from the
+    range it also hands to every outgoing connection, and with three test workers making thousands of those one
+    took a daemon's port between this check and the daemon's bind now and then ("address already in use")."""
+    floor = _ephemeral_floor()
+    low = 10000 if floor > 12000 else 1024
+    for _ in range(200):
+        port = random.randrange(low, floor)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
