@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tessera._daemon.fdlimit import raise_fd_limit
 from tessera.agent.attestors import default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
@@ -125,14 +125,6 @@ def _host_port(text: str | None, key: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _raise_fd_limit() -> None:
-    """Thousands of idle workload connections need file descriptors; take what the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
-
-
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
@@ -187,7 +179,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until ``stop`` is set; raises NodeIdentityError when the agent cannot authenticate."""
-        _raise_fd_limit()
+        raise_fd_limit()
         if self.metrics is not None and self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             listener = MetricsListener(self.metrics.registry)
