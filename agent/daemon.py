@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from tessera._daemon.fdlimit import raise_fd_limit
+from tessera._daemon.ratelog import RateLimitedLog, bound_loop_exceptions
 from tessera.agent.attestors import default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
 from tessera.agent.errors import AgentError, NodeIdentityError, ServerUnavailableError
-from tessera.agent.limits import DEFAULT_MAX_STREAMS_PER_CALLER, ConcurrencyLimiter
+from tessera.agent.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+    DEFAULT_MAX_STREAMS_PER_CALLER,
+    ConcurrencyLimiter,
+)
 from tessera.agent.metrics import (
     AgentMetrics,
     AgentStateCollector,
@@ -26,7 +32,7 @@ from tessera.agent.metrics import (
 from tessera.agent.node import NodeClient, NodeConfig
 from tessera.agent.rotation import backoff_delay
 from tessera.agent.sync import SyncLoop
-from tessera.sdk.config import ConfigError, Setting
+from tessera.sdk.config import ConfigError, Setting, parse_duration
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.spiffeid import TrustDomain
 
@@ -57,6 +63,18 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MAX_STREAMS_PER_CALLER,
         help="open Workload API streams allowed per caller uid (0 = no limit)",
     ),
+    Setting(
+        "workload_api_max_connections_per_caller",
+        "int",
+        DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+        help="Workload API connections one caller uid may hold open; more are closed at once (0 = no limit)",
+    ),
+    Setting(
+        "workload_api_first_request_timeout",
+        "duration",
+        f"{DEFAULT_FIRST_REQUEST_TIMEOUT:g}s",
+        help="Workload API connections that send nothing this long after connecting are closed",
+    ),
 )
 
 
@@ -69,6 +87,8 @@ class AgentSettings:
     cache_max: int
     metrics_address: tuple[str, int] | None = None
     max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
+    max_connections_per_caller: int = DEFAULT_MAX_CONNECTIONS_PER_CALLER
+    first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> AgentSettings:
@@ -94,6 +114,18 @@ class AgentSettings:
         max_streams = DEFAULT_MAX_STREAMS_PER_CALLER if max_streams is None else int(max_streams)
         if max_streams < 0:
             raise ConfigError("workload_api_max_streams_per_caller: must be 0 (no limit) or positive")
+        max_connections = values.get("workload_api_max_connections_per_caller")
+        max_connections = DEFAULT_MAX_CONNECTIONS_PER_CALLER if max_connections is None else int(max_connections)
+        if max_connections < 0:
+            raise ConfigError("workload_api_max_connections_per_caller: must be 0 (no limit) or positive")
+        raw_timeout = values.get("workload_api_first_request_timeout")
+        first_request = DEFAULT_FIRST_REQUEST_TIMEOUT if raw_timeout is None else parse_duration(
+            raw_timeout, "workload_api_first_request_timeout"
+        )
+        if not 0 < first_request <= 600:
+            raise ConfigError(
+                f"workload_api_first_request_timeout: must be more than 0s and at most 10m, got {first_request:g}s"
+            )
         return cls(
             node=NodeConfig(
                 trust_domain=td,
@@ -112,6 +144,8 @@ class AgentSettings:
             cache_max=int(values["x509_svid_cache_max_size"]),
             metrics_address=metrics_address,
             max_streams_per_caller=max_streams,
+            max_connections_per_caller=max_connections,
+            first_request_timeout=first_request,
         )
 
 
@@ -149,6 +183,8 @@ class Agent:
                     self.metrics, self._caller_uid, ConcurrencyLimiter(settings.max_streams_per_caller)
                 )
             ],
+            max_connections_per_caller=settings.max_connections_per_caller,
+            first_request_timeout=settings.first_request_timeout,
         )
         if self.metrics is not None:
             instrument_sync(self.sync, self.metrics)
@@ -220,6 +256,8 @@ class Agent:
 async def run_agent(settings: AgentSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # A flood of failed accepts (EMFILE) must not become a flood of log lines (asyncio logs each).
+    bound_loop_exceptions(loop, RateLimitedLog(log))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     agent = Agent(settings)
