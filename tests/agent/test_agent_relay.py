@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 from agent_testlib import socket_dir
 
+from tessera.agent.daemon import SETTINGS, AgentSettings
 from tessera.agent.endpoint import relay as relay_module
 from tessera.agent.endpoint.relay import PeerRegistry, WorkloadRelay
+from tessera.sdk.config import ConfigError, load_settings
 
 
 def run(coro: Any) -> Any:
@@ -185,3 +187,32 @@ def test_no_cap_means_no_cap() -> None:
             await eventually(lambda: settled(r))
 
     run(main())
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def _settings(**values: object) -> AgentSettings:
+    base: dict[str, object] = {"trust_domain": "example.org", "server_address": "127.0.0.1:8081"}
+    base.update(values)
+    return AgentSettings.from_values(load_settings("agent", SETTINGS, None, base))
+
+
+def test_connection_settings_defaults_and_values() -> None:
+    settings = _settings()
+    assert settings.max_connections_per_caller == 512 and settings.first_request_timeout == 10.0
+    settings = _settings(workload_api_max_connections_per_caller="0", workload_api_first_request_timeout="2m")
+    assert settings.max_connections_per_caller == 0 and settings.first_request_timeout == 120.0
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"workload_api_max_connections_per_caller": "-1"}, "workload_api_max_connections_per_caller: must be 0"),
+        ({"workload_api_first_request_timeout": "0"}, "workload_api_first_request_timeout: must be more than 0s"),
+        ({"workload_api_first_request_timeout": "soon"}, "workload_api_first_request_timeout: expected a duration"),
+    ],
+)
+def test_bad_connection_settings_stop_start_up(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _settings(**values)
