@@ -19,7 +19,8 @@ Nothing unbounded before a client certificate (ARCHITECTURE.md, "The trust bound
   whatever method it names. (Every call is still authorized on its own: a ban takes effect at once.)
 - A connection costs one descriptor until its first byte after the handshake, three once it is relayed. Those
   not yet proven (in handshake, or anonymous) are capped in total and per source address
-  (:class:`~tessera.server.limits.ConnectionGate`; one more is closed at once), the handshake and the first
+  (:class:`~tessera.server.limits.ConnectionGate`, applied at accept by
+  :class:`~tessera.server.api.listener.GatedListener`: one more is closed at once), the handshake and the first
   request each have a timeout, and an anonymous connection lives at most :data:`UNAUTHENTICATED_LIFETIME`.
   Agents leave the count once their certificate verifies, so a flood never cuts an agent's open connection.
 - Refusals are logged at a bounded rate (:mod:`tessera._daemon.ratelog`); every end closes both sides.
@@ -50,6 +51,7 @@ from cryptography.hazmat.primitives import serialization
 from tessera._daemon.ratelog import RateLimitedLog
 from tessera.sdk.keys import PrivateKey
 from tessera.sdk.tls import harden
+from tessera.server.api.listener import GatedListener
 from tessera.server.limits import ConnectionGate
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 RELAY_CHUNK = 256 * 1024
 UNAUTHENTICATED_LIFETIME = 120.0
 INNER_CONNECT_TIMEOUT = 5.0
+SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +161,10 @@ class TlsFront:
         self.limits = limits or FrontLimits()
         self.gate = ConnectionGate(self.limits.max_unauthenticated, self.limits.max_unauthenticated_per_source)
         self._ratelog = ratelog or RateLimitedLog(log)
-        self._server: asyncio.Server | None = None
+        self._listener = GatedListener(self.gate, self._serve, self._ratelog)
         self._client_dir = Path(tempfile.mkdtemp(prefix="tessera-relay-", dir="/tmp"))
         os.chmod(self._client_dir, 0o700)
         self._counter = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     def set_context(self, context: ssl.SSLContext) -> None:
@@ -175,46 +177,37 @@ class TlsFront:
     async def start(self, host: str, port: int, front: ssl.SSLContext) -> int:
         front.sni_callback = self._sni
         self._front = front
-        # Plain TCP: the handshake runs in _handle, after the connection caps (asyncio's ssl= would spend a
-        # handshake on every connection before the front could count it).
-        self._server = await asyncio.start_server(self._handle, host, port, limit=RELAY_CHUNK, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self._listener.start(host, port)
         return self.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+        await self._listener.close()
         with contextlib.suppress(OSError):
             for leftover in self._client_dir.iterdir():
                 leftover.unlink()
             self._client_dir.rmdir()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        peername = writer.get_extra_info("peername")
-        source = str(peername[0]) if isinstance(peername, tuple) else str(peername)
-        refused = self.gate.admit(source)
-        if refused is not None:
-            writer.transport.abort()  # at once: no handshake, no buffers, the descriptor back now
-            self._ratelog.warning("node API: closed a new connection from %s: %s", source, refused)
-            return
-        if task is not None:
-            self._tasks.add(task)
-        counted = True  # in the gate until a client certificate verifies
+    async def _serve(self, conn: socket.socket, source: str, address: str) -> None:
+        """One connection the gate admitted (counted for ``source`` until an agent certificate verifies)."""
+        loop = asyncio.get_running_loop()
+        counted = True
         path = self._client_dir / str(next(self._counter))
         peer_key = f"unix:{path}"
+        writer: asyncio.StreamWriter | None = None
         inner_writer: asyncio.StreamWriter | None = None
         graceful = False
         try:
-            # No await before start_tls: the client's first bytes must reach the TLS layer, not the reader.
-            await writer.start_tls(self._front, ssl_handshake_timeout=self.limits.handshake_timeout)
+            reader = asyncio.StreamReader(limit=RELAY_CHUNK)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            # From here the transport owns the socket (and closes it, whatever happens).
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self._front,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             sslobj = writer.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
             leaf = x509.load_der_x509_certificate(der) if der else None
@@ -226,7 +219,6 @@ class TlsFront:
             if agent:
                 self.gate.release(source)
                 counted = False
-            address = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
             first = await asyncio.wait_for(reader.read(RELAY_CHUNK), self.limits.first_request_timeout)
             if not first:
                 return
@@ -243,13 +235,9 @@ class TlsFront:
                 await relay
             graceful = True
         except TimeoutError:
-            log.debug("node API connection from %s timed out", source)
+            log.debug("node API connection from %s timed out", address)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.debug("node API connection ended: %s", exc)
-        except asyncio.CancelledError:
-            # close() cancels open connections at shutdown; ending quietly here keeps asyncio's stream
-            # callback (which reads the task's exception) from logging a spurious traceback.
-            pass
+            log.debug("node API connection from %s ended: %s", address, exc)
         finally:
             if counted:
                 self.gate.release(source)
@@ -262,8 +250,6 @@ class TlsFront:
                         w.close() if graceful else w.transport.abort()
             with contextlib.suppress(OSError):
                 path.unlink()
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _open_inner(self, path: Path, target: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the internal server from a socket bound to ``path`` (the peer name gRPC reports)."""
