@@ -6,9 +6,10 @@
 - ``memory``: ``--rounds`` rounds of 24 concurrent requests of ``--size-mib`` MiB to every node API method
   (without a client certificate, then with a valid agent SVID); prints the server's resident memory
   (VmRSS) before and after each round. Every request must be refused (RESOURCE_EXHAUSTED).
-- ``server-flood``: ``--connections`` TCP connections to the node API (from 127.0.0.2, as another host would:
-  half never send a byte, half finish the TLS handshake and never send a request) while an attested agent keeps
-  syncing; prints the server's descriptors before, during and after, and the agent's Sync latency meanwhile.
+- ``server-flood``: ``--connections`` TCP connections to the node API (from 41 loopback addresses, as other
+  hosts would: half never send a byte, half finish the TLS handshake and never send a request) while an
+  attested agent keeps syncing; prints the server's descriptors before, during and after, and the agent's Sync
+  latency meanwhile. Default caps: 1024 unauthenticated connections, 64 per source.
 - ``agent-flood``: ``--connections`` connections from uid ``nobody`` to the Workload API socket (half silent,
   half sending one byte), while root fetches its SVID; prints the agent's descriptors before, during and after
   and the fetch latency meanwhile.
@@ -135,14 +136,17 @@ def memory(rounds: int, size_mib: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+SOURCES = ["127.0.0.2", *(f"127.0.1.{i}" for i in range(1, 41))]  # one host, then 40 more: both caps
+
+
 def _idle_tcp(address: tuple[str, int], count: int, tls: bool, bundle: bytes, held: list[socket.socket]) -> None:
     ctx = ssl.create_default_context(cadata=bundle.decode()) if tls else None
     if ctx is not None:
         ctx.check_hostname = False
-    for _ in range(count):
+    for i in range(count):
         s = socket.socket()
         try:
-            s.bind(("127.0.0.2", 0))
+            s.bind((SOURCES[i % len(SOURCES)], 0))
             s.settimeout(5)
             s.connect(address)
             if ctx is not None:
@@ -198,8 +202,8 @@ def server_flood(connections: int) -> None:
             _idle_tcp(("127.0.0.1", server.port), connections - connections // 2, True, bundle, held)
             during = fds(server.pid)
             print(
-                f"server-flood: {len(held)} of {connections} connections opened in {time.monotonic() - t0:.0f}s "
-                f"(the rest refused); server descriptors before {before}, during {during}"
+                f"server-flood: {connections} connections made in {time.monotonic() - t0:.0f}s ({len(held)} connected "
+                f"and not refused during the TLS handshake); server descriptors before {before}, during {during}"
             )
             time.sleep(12)  # past the handshake and first-request timeouts (10 s each)
             print(f"  after the timeouts, attacker still connected: descriptors {fds(server.pid)}")
