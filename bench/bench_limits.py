@@ -268,12 +268,16 @@ def agent_flood(connections: int) -> None:
             )  # fmt: skip
             assert flood.stdout is not None and flood.stdin is not None
             opened = int(flood.stdout.readline() or 0)
-            during = fds(agent.pid)
+            samples = []
+            for _ in range(30):  # 3 s: the agent has accepted (or refused) the backlog, below the 10 s timeout
+                samples.append(fds(agent.pid))
+                time.sleep(0.1)
+            during = f"{samples[-1]} (at most {max(samples)})"
             start = time.monotonic()
             ok = subprocess.run(fetch, capture_output=True, timeout=60).returncode == 0
             took = time.monotonic() - start
             print(
-                f"agent-flood: nobody holds {opened} of {connections} connections; agent descriptors before {before},"
+                f"agent-flood: nobody made {opened} of {connections} connections; agent descriptors before {before},"
                 f" during {during}; root's fetch during the flood {'succeeded' if ok else 'FAILED'} in {took:.2f}s"
             )
             flood.stdin.close()
