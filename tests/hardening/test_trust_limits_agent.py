@@ -1,7 +1,7 @@
 """Issue 12, item 6, against a real ``tessera-agent`` process: a local user floods the Workload API socket.
 
 The agent runs under a small descriptor limit (``prlimit``) so the flood is cheap; the attacker is a process
-running as ``nobody`` that keeps thousands of connections coming (half silent, half sending one byte).
+running as ``nobody`` that opens thousands of connections and holds them (half silent, half sending one byte).
 
 - With the per-uid connection cap, root's workload is served within a few seconds while the flood runs,
   connections past the cap are closed at once and silent ones after the first-request timeout.
@@ -33,43 +33,63 @@ NOFILE_WITHOUT_CAP = 400
 
 FLOOD = r"""
 import json, selectors, socket, sys, time
-path, duration, hold = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+path, duration, hold, timeout = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 sel = selectors.DefaultSelector()
 opened = {}
 stats = {"opened": 0, "connect_failed": 0, "closed_at_once": 0, "silent_closed_after": []}
 print("started", flush=True)
-end, i = time.monotonic() + duration, 0
+end, i, batch = time.monotonic() + duration, 0, hold
 while time.monotonic() < end:
-    while len(opened) < hold:
+    # A burst of `hold` connections, then 500 more every second, all kept open (as long as the agent lets them).
+    for _ in range(batch):
         s = socket.socket(socket.AF_UNIX)
         s.setblocking(False)
-        silent = i % 2 == 0
         i += 1
         try:
             s.connect(path)
-            if not silent:
+            if i % 2:
                 s.send(b"P")
         except OSError:
             stats["connect_failed"] += 1
             s.close()
             break
-        opened[s] = (time.monotonic(), silent)
+        opened[s] = time.monotonic()
         sel.register(s, selectors.EVENT_READ)
         stats["opened"] += 1
-    for key, _ in sel.select(0.05):
-        try:
-            data = key.fileobj.recv(1)
-        except OSError:
-            data = b""
-        if not data:
-            started, silent = opened.pop(key.fileobj)
-            sel.unregister(key.fileobj)
-            key.fileobj.close()
-            took = time.monotonic() - started
-            if took < 1.0:
-                stats["closed_at_once"] += 1
-            elif silent:
-                stats["silent_closed_after"].append(round(took, 2))
+    batch, second = 500, time.monotonic() + 1
+    while time.monotonic() < min(second, end):
+        for key, _ in sel.select(0.05):
+            try:
+                data = key.fileobj.recv(1)
+            except OSError:
+                data = b""
+            if not data:
+                if time.monotonic() - opened.pop(key.fileobj) < 1.0:
+                    stats["closed_at_once"] += 1
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+for s in list(opened):
+    sel.unregister(s)
+    s.close()
+time.sleep(1)
+# Then, quietly (so the times measured are the agent's): connections that never send a byte.
+held = []
+for _ in range(10):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(path)
+    held.append((s, time.monotonic()))
+deadline = time.monotonic() + timeout + 4
+for s, started in held:
+    s.settimeout(max(0.05, deadline - time.monotonic()))
+    try:
+        data = s.recv(1)
+    except TimeoutError:
+        data = None  # still open: not closed by the first-request timeout
+    except OSError:
+        data = b""
+    stats["silent_closed_after"].append(round(time.monotonic() - started, 2) if data == b"" else None)
+    s.close()
 print(json.dumps(stats), flush=True)
 """
 
@@ -80,7 +100,7 @@ def fds(pid: int) -> int:
 
 def start_flood(socket_path: str, duration: float, hold: int = 3000) -> subprocess.Popen[str]:
     flood = subprocess.Popen(
-        [*as_user(NOBODY), SYSTEM_PYTHON, "-S", "-c", FLOOD, socket_path, str(duration), str(hold)],
+        [*as_user(NOBODY), SYSTEM_PYTHON, "-S", "-c", FLOOD, socket_path, str(duration), str(hold), f"{TIMEOUT:g}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
     )  # fmt: skip
     assert flood.stdout is not None
@@ -134,16 +154,14 @@ def test_a_flood_from_one_uid_leaves_other_workloads_served(root: Path) -> None:
         assert isinstance(silent, list)
         print(
             f"agent descriptors {baseline} before, {during} during; root's fetch took {took:.2f}s; "
-            f"{stats['opened']} connections, {stats['closed_at_once']} closed at once, {len(silent)} silent ones "
-            f"closed after at most {max(silent, default=0)}s"
+            f"{stats['opened']} connections, {stats['closed_at_once']} closed at once; silent: {silent}"
         )
 
-        assert took < 8, f"root's fetch took {took:.1f}s during the flood"
+        assert took < 5, f"root's fetch took {took:.1f}s during the flood"
         assert isinstance(stats["opened"], int) and stats["opened"] >= 2000  # thousands of connections
         assert during < NOFILE_WITH_CAP - 100, f"agent descriptors {baseline} before, {during} during"
         assert isinstance(stats["closed_at_once"], int) and stats["closed_at_once"] >= stats["opened"] // 2
-        assert silent, "no silent connection was closed by the first-request timeout"
-        assert max(silent) <= TIMEOUT + 3, max(silent)
+        assert all(t is not None and TIMEOUT - 0.5 <= t <= TIMEOUT + 4 for t in silent), silent
 
         wait_for(lambda: fds(agent.pid) <= baseline + 2, 30, f"agent descriptors back to {baseline}")
         grown = agent.log.stat().st_size - log_size

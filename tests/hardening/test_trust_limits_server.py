@@ -152,17 +152,9 @@ port, duration, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3
 sources = ["127.0.0.2"] + [f"127.0.1.{i}" for i in range(1, 21)]
 sel = selectors.DefaultSelector()
 opened = {}
-stats = {"opened": 0, "closed_at_once": 0, "closed_later": [], "left_open_too_long": 0, "tls_done": 0,
-         "tls_idle_closed": []}
-def closed(s, now):
-    started = opened.pop(s)
-    sel.unregister(s)
-    s.close()
-    if now - started < 1.0:
-        stats["closed_at_once"] += 1
-    else:
-        stats["closed_later"].append(round(now - started, 2))
+stats = {"opened": 0, "closed_at_once": 0, "idle_closed_after": [], "tls_idle_closed_after": []}
 print("started", flush=True)
+# The flood: thousands of connections that never send a byte, from one source and from twenty.
 end, i = time.monotonic() + duration, 0
 while time.monotonic() < end:
     while len(opened) < 3000:
@@ -186,30 +178,37 @@ while time.monotonic() < end:
         except OSError:
             data = b""
         if not data:
-            closed(key.fileobj, time.monotonic())
-    now = time.monotonic()
-    stats["left_open_too_long"] += sum(1 for started in opened.values() if now - started > timeout + 3)
+            if time.monotonic() - opened.pop(key.fileobj) < 1.0:
+                stats["closed_at_once"] += 1
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
 for s in list(opened):
     sel.unregister(s)
     s.close()
-# Then connections that finish the TLS handshake and never send a request.
+time.sleep(timeout + 1)  # the server has let go of the flood
+# Then, quietly (so the times measured are the server's): connections that never send a byte, and connections
+# that finish the TLS handshake and never send a request.
 ctx = ssl.create_default_context()
 ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-held = []
-for _ in range(20):
-    s = socket.socket()
-    s.bind(("127.0.0.3", 0))
-    s.settimeout(timeout + 5)
-    s.connect(("127.0.0.1", port))
-    held.append((ctx.wrap_socket(s), time.monotonic()))
-    stats["tls_done"] += 1
-for tls, started in held:
-    try:
-        data = tls.recv(1)
-    except (OSError, ssl.SSLError):
-        data = b""
-    stats["tls_idle_closed"].append(round(time.monotonic() - started, 2) if not data else None)
-    tls.close()
+for source, key, tls in (("127.0.0.4", "idle_closed_after", False), ("127.0.0.3", "tls_idle_closed_after", True)):
+    held = []
+    for _ in range(20):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        held.append((ctx.wrap_socket(s) if tls else s, time.monotonic()))
+    deadline = time.monotonic() + timeout + 4
+    for s, started in held:
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = s.recv(1)
+        except TimeoutError:
+            data = None  # still open: not closed by the timeouts
+        except (OSError, ssl.SSLError):
+            data = b""
+        stats[key].append(round(time.monotonic() - started, 2) if data == b"" else None)
+        s.close()
 print(json.dumps(stats), flush=True)
 """
 
@@ -266,20 +265,16 @@ def test_connection_flood_is_capped_and_agents_keep_syncing(root: Path) -> None:
         out, err = flood.communicate(timeout=60)
         assert flood.returncode == 0, err
         stats = json.loads(out.strip().splitlines()[-1])
-        later = stats["closed_later"]
         print(
             f"server descriptors {baseline} before, {peak} at most during the flood; {stats['opened']} connections, "
-            f"{stats['closed_at_once']} closed at once, {len(later)} later (at most {max(later, default=0)}s)"
+            f"{stats['closed_at_once']} closed at once; {stats}"[:1000]
         )
 
         assert stats["opened"] >= 2000, stats["opened"]  # thousands of connections ...
         assert peak <= baseline + 200 + 30, f"server descriptors: {baseline} before, {peak} during the flood"
         assert stats["closed_at_once"] >= stats["opened"] // 2  # ... most past a cap, closed at once
-        assert stats["closed_later"], "no connection was held until a timeout"
-        assert max(stats["closed_later"]) <= timeout + 3, max(stats["closed_later"])  # idle: after the timeout
-        assert stats["left_open_too_long"] == 0
-        assert stats["tls_done"] == 20
-        assert all(t is not None and timeout - 0.5 <= t <= timeout + 3 for t in stats["tls_idle_closed"]), stats
+        for key in ("idle_closed_after", "tls_idle_closed_after"):  # idle ones: after the timeouts
+            assert all(t is not None and timeout - 0.5 <= t <= timeout + 4 for t in stats[key]), (key, stats[key])
 
         wait_for(lambda: fds(server.pid) <= baseline + 2, 30, f"server descriptors back to {baseline}")
         grown = server.log.stat().st_size - log_size
