@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tessera._daemon.fdlimit import raise_fd_limit
+from tessera._daemon.ratelog import RateLimitedLog, bound_loop_exceptions
 from tessera._daemon.sockets import path_length_problem
 from tessera.agent.attestors import DEFAULT_MAX_HASH_BYTES, ExecutableHasher, default_attestors
 from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.server import WorkloadEndpoint
 from tessera.agent.errors import AgentError, NodeIdentityError, ServerUnavailableError
-from tessera.agent.limits import DEFAULT_MAX_STREAMS_PER_CALLER, ConcurrencyLimiter
+from tessera.agent.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+    DEFAULT_MAX_STREAMS_PER_CALLER,
+    ConcurrencyLimiter,
+)
 from tessera.agent.metrics import (
     AgentMetrics,
     AgentStateCollector,
@@ -27,7 +33,7 @@ from tessera.agent.metrics import (
 from tessera.agent.node import NodeClient, NodeConfig
 from tessera.agent.rotation import backoff_delay
 from tessera.agent.sync import SyncLoop
-from tessera.sdk.config import ConfigError, Setting
+from tessera.sdk.config import ConfigError, Setting, parse_duration
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.sdk.workloadapi.wire import DEFAULT_SOCKET_RULE, default_socket_path
@@ -63,6 +69,18 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MAX_HASH_BYTES,
         help="largest executable hashed for unix:sha256 selectors, in bytes; larger ones get none (logged)",
     ),
+    Setting(
+        "workload_api_max_connections_per_caller",
+        "int",
+        DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+        help="Workload API connections one caller uid may hold open; more are closed at once (0 = no limit)",
+    ),
+    Setting(
+        "workload_api_first_request_timeout",
+        "duration",
+        f"{DEFAULT_FIRST_REQUEST_TIMEOUT:g}s",
+        help="Workload API connections that send nothing this long after connecting are closed",
+    ),
 )
 
 
@@ -76,6 +94,8 @@ class AgentSettings:
     metrics_address: tuple[str, int] | None = None
     max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
     max_hash_bytes: int = DEFAULT_MAX_HASH_BYTES
+    max_connections_per_caller: int = DEFAULT_MAX_CONNECTIONS_PER_CALLER
+    first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> AgentSettings:
@@ -105,6 +125,18 @@ class AgentSettings:
         max_hash = DEFAULT_MAX_HASH_BYTES if max_hash is None else int(max_hash)
         if max_hash < 0:
             raise ConfigError("workload_attestor_max_hash_bytes: must be 0 (never hash) or positive")
+        max_connections = values.get("workload_api_max_connections_per_caller")
+        max_connections = DEFAULT_MAX_CONNECTIONS_PER_CALLER if max_connections is None else int(max_connections)
+        if max_connections < 0:
+            raise ConfigError("workload_api_max_connections_per_caller: must be 0 (no limit) or positive")
+        raw_timeout = values.get("workload_api_first_request_timeout")
+        first_request = DEFAULT_FIRST_REQUEST_TIMEOUT if raw_timeout is None else parse_duration(
+            raw_timeout, "workload_api_first_request_timeout"
+        )
+        if not 0 < first_request <= 600:
+            raise ConfigError(
+                f"workload_api_first_request_timeout: must be more than 0s and at most 10m, got {first_request:g}s"
+            )
         return cls(
             node=NodeConfig(
                 trust_domain=td,
@@ -124,6 +156,8 @@ class AgentSettings:
             metrics_address=metrics_address,
             max_streams_per_caller=max_streams,
             max_hash_bytes=max_hash,
+            max_connections_per_caller=max_connections,
+            first_request_timeout=first_request,
         )
 
 
@@ -145,14 +179,6 @@ def _host_port(text: str | None, key: str) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     return host, int(port)
-
-
-def _raise_fd_limit() -> None:
-    """Thousands of idle workload connections need file descriptors; take what the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
 class Agent:
@@ -179,6 +205,8 @@ class Agent:
                     self.metrics, self._caller_uid, ConcurrencyLimiter(settings.max_streams_per_caller)
                 )
             ],
+            max_connections_per_caller=settings.max_connections_per_caller,
+            first_request_timeout=settings.first_request_timeout,
         )
         if self.metrics is not None:
             instrument_sync(self.sync, self.metrics)
@@ -209,7 +237,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until ``stop`` is set; raises NodeIdentityError when the agent cannot authenticate."""
-        _raise_fd_limit()
+        raise_fd_limit()
         if self.metrics is not None and self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             listener = MetricsListener(self.metrics.registry)
@@ -250,6 +278,8 @@ class Agent:
 async def run_agent(settings: AgentSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # A flood of failed accepts (EMFILE) must not become a flood of log lines (asyncio logs each).
+    bound_loop_exceptions(loop, RateLimitedLog(log))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     agent = Agent(settings)

@@ -1,9 +1,12 @@
 """Limits on what one local caller may hold open on the Workload API: pure logic, no I/O.
 
 Each open stream (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) costs the agent a task, a socket and a
-place in the fan-out of every rotation. A workload that opens streams in a loop (a bug, or a hostile process
-on the host) would otherwise exhaust file descriptors for every other workload. The caller is its kernel
-uid: processes of one user can cooperate to get around a per-process cap, but not a per-user one.
+place in the fan-out of every rotation, and each connection up to three descriptors (the caller's, and both
+ends of the relay to the internal server). A workload that connects or opens streams in a loop (a bug, or a
+hostile process on the host) would otherwise exhaust file descriptors for every other workload: measured
+before the connection cap, 9,000 connections from ``nobody`` pinned the agent at its descriptor limit. The
+caller is its kernel uid: processes of one user can cooperate to get around a per-process cap, but not a
+per-user one.
 """
 
 from __future__ import annotations
@@ -14,20 +17,27 @@ from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 DEFAULT_MAX_STREAMS_PER_CALLER = 1024
+DEFAULT_MAX_CONNECTIONS_PER_CALLER = 512
+"""Connections one uid may hold open: far above what a workload host's processes of one user hold (an SDK
+source holds one, a pool of gRPC channels a few each), far below the agent's descriptor limit."""
+DEFAULT_FIRST_REQUEST_TIMEOUT = 10.0
+"""A connection that sends nothing this long after it was accepted is closed."""
 
 
 class StreamLimitExceeded(Exception):
-    def __init__(self, key: Hashable, limit: int) -> None:
-        super().__init__(f"caller {key} already holds {limit} open Workload API streams (the per-caller limit)")
+    def __init__(self, key: Hashable, limit: int, what: str = "open Workload API streams") -> None:
+        super().__init__(f"caller {key} already holds {limit} {what} (the per-caller limit)")
         self.key = key
         self.limit = limit
 
 
 class ConcurrencyLimiter:
-    """Counts open streams per key; ``limit <= 0`` means unlimited (counting still happens, for metrics)."""
+    """Counts what each key holds open (streams; the relay's connections); ``limit <= 0`` means unlimited
+    (counting still happens, for metrics)."""
 
-    def __init__(self, limit: int = DEFAULT_MAX_STREAMS_PER_CALLER) -> None:
+    def __init__(self, limit: int = DEFAULT_MAX_STREAMS_PER_CALLER, what: str = "open Workload API streams") -> None:
         self.limit = limit
+        self.what = what
         self._open: dict[Hashable, int] = {}
 
     def open_count(self, key: Hashable) -> int:
@@ -40,7 +50,7 @@ class ConcurrencyLimiter:
     def acquire(self, key: Hashable) -> None:
         current = self._open.get(key, 0)
         if self.limit > 0 and current >= self.limit:
-            raise StreamLimitExceeded(key, self.limit)
+            raise StreamLimitExceeded(key, self.limit, self.what)
         self._open[key] = current + 1
 
     def release(self, key: Hashable) -> None:
@@ -113,4 +123,11 @@ class KeyedGate:
             self._active.pop(key, None)
 
 
-__all__ = ["DEFAULT_MAX_STREAMS_PER_CALLER", "ConcurrencyLimiter", "KeyedGate", "StreamLimitExceeded"]
+__all__ = [
+    "DEFAULT_FIRST_REQUEST_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS_PER_CALLER",
+    "DEFAULT_MAX_STREAMS_PER_CALLER",
+    "ConcurrencyLimiter",
+    "KeyedGate",
+    "StreamLimitExceeded",
+]

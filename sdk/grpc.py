@@ -203,13 +203,17 @@ def rewrap_handler(
     handler: Any,
     unary: Callable[[Callable[..., Any]], Callable[..., Any]],
     stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> Any:
     """A copy of a gRPC method handler (sync or aio) with its behaviour wrapped: ``unary`` wraps behaviours that
     return one response (unary-unary, stream-unary), ``stream`` those that yield responses (unary-stream,
     stream-stream). Interceptors that time, count, limit or authorize calls share this instead of each
-    re-implementing grpc's four handler constructors."""
+    re-implementing grpc's four handler constructors. ``request_deserializer`` replaces the handler's (e.g. one
+    that checks a request's size before parsing it)."""
     return _rebuild(
         handler,
+        request_deserializer or handler.request_deserializer,
         unary_unary=handler.unary_unary and unary(handler.unary_unary),
         stream_unary=handler.stream_unary and unary(handler.stream_unary),
         unary_stream=handler.unary_stream and stream(handler.unary_stream),
@@ -217,7 +221,7 @@ def rewrap_handler(
     )
 
 
-def _rebuild(handler: Any, **behaviours: Any) -> Any:
+def _rebuild(handler: Any, request_deserializer: Callable[[bytes], Any] | None, **behaviours: Any) -> Any:
     if handler.unary_unary is not None:
         make, behaviour = grpc.unary_unary_rpc_method_handler, behaviours["unary_unary"]
     elif handler.unary_stream is not None:
@@ -228,7 +232,7 @@ def _rebuild(handler: Any, **behaviours: Any) -> Any:
         make, behaviour = grpc.stream_stream_rpc_method_handler, behaviours["stream_stream"]
     return make(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -333,6 +337,7 @@ class AsyncSpiffeServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[
 
         return _rebuild(
             handler,
+            handler.request_deserializer,
             unary_unary=wrap(handler.unary_unary),
             unary_stream=wrap(handler.unary_stream),
             stream_unary=wrap(handler.stream_unary),

@@ -312,22 +312,33 @@ def _trust_der(snapshot: X509Snapshot) -> bytes:
     )
 
 
-def _configure(ctx: ssl.SSLContext, server_side: bool, strict: bool) -> None:
+def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """The TLS floor of every context Tessera builds (this module's, the node API's, the bundle endpoint's):
+    TLS 1.2 at least, and a server never resumes a session.
+
+    A resumed session skips certificate verification: with no tickets, every connection is checked against
+    the current bundles and authorizer, so a removed CA cannot come back through a ticket. (Measured with
+    CPython's server contexts: ``OP_NO_TICKET`` plus ``num_tickets = 0`` leaves no resumption at all, TLS 1.2
+    session IDs included.) Returns ``ctx``, changed in place: call it before the context serves anything.
+    """
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ctx.protocol == ssl.PROTOCOL_TLS_SERVER:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+    return ctx
+
+
+def _configure(ctx: ssl.SSLContext, strict: bool) -> None:
+    harden(ctx)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     if strict:
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    if server_side:
-        # A resumed session skips certificate verification: no tickets, so every connection is checked
-        # against the current bundles and authorizer (a removed CA cannot come back through a ticket).
-        ctx.options |= ssl.OP_NO_TICKET
-        ctx.num_tickets = 0
 
 
 def _build_inner(snapshot: X509Snapshot, server_side: bool, authorizer: Authorizer, strict: bool) -> _SpiffeContext:
     ctx = _SpiffeContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-    _configure(ctx, server_side, strict)
+    _configure(ctx, strict)
     _load_svid(ctx, snapshot.svid)
     trust = _trust_der(snapshot)
     if not trust:
@@ -428,7 +439,7 @@ def server_context(source: X509SnapshotSource, authorizer: Authorizer, *, strict
     (``http.server``, ``asyncio.start_server``...); it follows rotation by itself."""
     rotating = _Rotating(source, True, authorizer, strict)
     front = _ServerFront(ssl.PROTOCOL_TLS_SERVER)
-    _configure(front, True, strict)
+    _configure(front, strict)
     front._tessera_rotating = rotating
     front.sni_callback = rotating.sni_callback
     return front
@@ -440,7 +451,7 @@ def client_context(source: X509SnapshotSource, authorizer: Authorizer, *, strict
     SPIFFE ID is the name). Each new connection uses the identity current at that moment."""
     rotating = _Rotating(source, False, authorizer, strict)
     front = _ClientFront(ssl.PROTOCOL_TLS_CLIENT)
-    _configure(front, False, strict)
+    _configure(front, strict)
     front._tessera_rotating = rotating
     return front
 

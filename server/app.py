@@ -32,8 +32,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from tessera._daemon.errors import SocketClaimError
+from tessera._daemon.fdlimit import raise_fd_limit
+from tessera._daemon.ratelog import RateLimitedLog, bound_loop_exceptions
 from tessera._daemon.sockets import PRIVATE_DIR_MODE, PRIVATE_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.proto import admin_pb2_grpc as agrpc
+from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.config import ConfigError, load_settings
@@ -42,10 +45,14 @@ from tessera.sdk.keys import PrivateKey, generate_key
 from tessera.sdk.logs import setup_logging
 from tessera.sdk.x509profile import build_x509_svid
 from tessera.server.api.admin import AdminServicer, AdminSettings
+from tessera.server.api.anonymous import ANONYMOUS_METHODS, anonymous_node_handler
 from tessera.server.api.authority import CaManagerAuthority
+from tessera.server.api.msglimits import MessageLimitInterceptor, server_limit
 from tessera.server.api.node import JoinGrace, NodeServicer, NodeSettings, join_grace_needed
+from tessera.server.api.peer import authorize_agent
 from tessera.server.api.publisher import BundlePublisher, authority_ids, same_authorities
-from tessera.server.api.tls_front import PeerRegistry, TlsFront, build_server_context
+from tessera.server.api.status import ApiError
+from tessera.server.api.tls_front import FrontLimits, InnerServers, PeerRegistry, TlsFront, build_server_context
 from tessera.server.attestation.base import NodeAttestor
 from tessera.server.attestation.join_token import JoinTokenAttestor
 from tessera.server.attestation.x509pop import X509PopAttestor, load_ca_bundle
@@ -56,7 +63,7 @@ from tessera.server.ca.revocation import CrlPublisher
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
 from tessera.server.datastore import Datastore, open_datastore
-from tessera.server.errors import ServerError
+from tessera.server.errors import DatastoreError, ServerError
 from tessera.server.federation.admin import TrustAdminServicer
 from tessera.server.federation.endpoint import BundleEndpoint, WebCertificateFiles, svid_context
 from tessera.server.federation.refresher import FederationRefresher
@@ -81,10 +88,26 @@ SHUTDOWN_GRACE = 5.0
 NODE_SERVICE = "tessera.node.v1.Node"
 ADMIN_SERVICE = "tessera.admin.v1.Admin"
 TRUST_ADMIN_SERVICE = "tessera.admin.v1.TrustAdmin"
-GRPC_OPTIONS = (
+GRPC_OPTIONS = (  # the admin API (a local socket only the server's user reaches)
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
+_HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+AGENT_METHODS = (
+    *(f"/{NODE_SERVICE}/{m.name}" for m in npb.DESCRIPTOR.services_by_name["Node"].methods),
+    *_HEALTH_METHODS,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+)
+ANONYMOUS_NODE_METHODS = (*(f"/{NODE_SERVICE}/{m}" for m in ANONYMOUS_METHODS), *_HEALTH_METHODS)
+
+
+def _node_options(methods: tuple[str, ...]) -> list[tuple[str, int]]:
+    """gRPC refuses a message over ``max_receive_message_length`` from its length prefix, before buffering it:
+    each node API server receives at most the largest request of the methods it serves."""
+    return [
+        ("grpc.max_receive_message_length", server_limit(methods)),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
 
 
 class StartupError(ServerError):
@@ -167,7 +190,8 @@ class ServerApp:
         self._last_maintenance_ok = 0.0
         self._registry = PeerRegistry()
         self._front: TlsFront | None = None
-        self._inner: grpc.aio.Server | None = None
+        self._inner: grpc.aio.Server | None = None  # the node API for agents
+        self._anonymous: grpc.aio.Server | None = None  # Attest and health, for connections without one
         self._admin: grpc.aio.Server | None = None
         self._health: list[HealthServicer] = []
         self._serving: bool | None = None  # the health status last set
@@ -407,22 +431,34 @@ class ServerApp:
             on_ca_change=self._after_ca_change,
             on_revocation=self._after_revocation,
         )
-        # The node API's gRPC server listens only on a private socket; the TLS front relays to it.
+        # The node API's gRPC servers listen only on private sockets; the TLS front relays to them: agents to
+        # the full node API, everyone else to Attest and health with a small receive limit.
         self._private_dir = Path(tempfile.mkdtemp(prefix="tessera-server-", dir="/tmp"))
         os.chmod(self._private_dir, 0o700)
-        inner_socket = self._private_dir / "node.sock"
+        inner = InnerServers(agents=self._private_dir / "node.sock", anonymous=self._private_dir / "anon.sock")
         ops = cfg.ops
-        interceptor = NodeApiInterceptor(
-            self._metrics,
-            self._registry,
-            attestation_limiter=KeyedRateLimiter(ops.attestation_rate_limit),
-            signing_limiter=KeyedRateLimiter(ops.signing_rate_limit),
-        )
-        self._inner = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[interceptor])
+        interceptors = [
+            MessageLimitInterceptor(),
+            NodeApiInterceptor(
+                self._metrics,
+                self._registry,
+                attestation_limiter=KeyedRateLimiter(ops.attestation_rate_limit),
+                signing_limiter=KeyedRateLimiter(ops.signing_rate_limit),
+            ),
+        ]
+        self._inner = grpc.aio.server(options=_node_options(AGENT_METHODS), interceptors=interceptors)
         ngrpc.add_NodeServicer_to_server(node, self._inner)  # type: ignore[no-untyped-call]
         self._add_health_and_reflection(self._inner, [NODE_SERVICE])
-        self._inner.add_insecure_port(f"unix:{inner_socket}")
+        self._inner.add_insecure_port(f"unix:{inner.agents}")
         await self._inner.start()
+        self._anonymous = grpc.aio.server(
+            options=[*_node_options(ANONYMOUS_NODE_METHODS), ("grpc.max_concurrent_streams", 4)],
+            interceptors=interceptors,
+        )
+        self._anonymous.add_generic_rpc_handlers((anonymous_node_handler(node.Attest, self._registry),))
+        self._add_health_and_reflection(self._anonymous, [NODE_SERVICE], reflection_too=False)
+        self._anonymous.add_insecure_port(f"unix:{inner.anonymous}")
+        await self._anonymous.start()
 
         self._admin = grpc.aio.server(options=GRPC_OPTIONS)
         agrpc.add_AdminServicer_to_server(admin, self._admin)  # type: ignore[no-untyped-call]
@@ -431,7 +467,15 @@ class ServerApp:
         self._admin_socket = _claim_admin_socket(cfg.socket_path, self._admin)
         await self._admin.start()
 
-        self._front = TlsFront(inner_socket, self._registry, self._tls_context())
+        limits = FrontLimits(
+            handshake_timeout=ops.node_api_handshake_timeout,
+            first_request_timeout=ops.node_api_first_request_timeout,
+            max_unauthenticated=ops.node_api_max_unauthenticated_connections,
+            max_unauthenticated_per_source=ops.node_api_max_unauthenticated_connections_per_source,
+        )
+        self._front = TlsFront(
+            inner, self._registry, self._tls_context(), limits, RateLimitedLog(log), authorize=self._agent_check
+        )
         try:
             self.node_port = await self._front.start(cfg.bind_host, cfg.bind_port, self._tls_context())
         except OSError as exc:
@@ -444,6 +488,17 @@ class ServerApp:
                 self.metrics_port = self._metrics_listener.start(cfg.ops.metrics_host, cfg.ops.metrics_port)
             except OSError as exc:
                 raise StartupError(f"metrics_bind_address: cannot listen: {exc.strerror or exc}") from None
+
+    async def _agent_check(self, leaf: x509.Certificate) -> str | None:
+        """For the TLS front: None when ``leaf`` is the current SVID of an attested, unbanned agent, else why not.
+        A datastore failure lets the connection through: every call is authorized again anyway."""
+        try:
+            await asyncio.to_thread(authorize_agent, leaf, self.datastore, self.config.trust_domain, time.time())
+        except ApiError as exc:
+            return exc.message
+        except DatastoreError as exc:
+            log.debug("agent check at connect skipped: %s", exc)
+        return None
 
     def _endpoint_context(self) -> ssl.SSLContext:
         if self._web_files is not None:
@@ -475,12 +530,15 @@ class ServerApp:
     def endpoint_port(self) -> int:
         return self._endpoint.port if self._endpoint is not None else 0
 
-    def _add_health_and_reflection(self, server: grpc.aio.Server, services: list[str]) -> None:
+    def _add_health_and_reflection(
+        self, server: grpc.aio.Server, services: list[str], *, reflection_too: bool = True
+    ) -> None:
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         self._health.append(health)
-        names = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        if reflection_too:
+            names = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
 
     async def _set_health(self, serving: bool) -> None:
         self._serving = serving
@@ -607,10 +665,10 @@ class ServerApp:
             self._metrics_listener = None
         if self._front is not None:
             await self._front.close()
-        for server in (self._inner, self._admin):
+        for server in (self._inner, self._anonymous, self._admin):
             if server is not None:
                 await server.stop(SHUTDOWN_GRACE)
-        self._inner = self._admin = None
+        self._inner = self._anonymous = self._admin = None
         if self._admin_socket is not None:  # only ours: never another server's we refused to replace
             self._admin_socket.release()
             self._admin_socket = None
@@ -631,6 +689,9 @@ def _signed_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 async def run_server(config: ServerConfig) -> None:
+    # A flood of failed accepts or handshakes must not become a flood of log lines (asyncio logs each).
+    bound_loop_exceptions(asyncio.get_running_loop(), RateLimitedLog(log))
+    raise_fd_limit()
     app = ServerApp(config)
     await app.start()
     await app.serve_ready()

@@ -1,4 +1,4 @@
-"""Rate limits for the node API, as pure logic over an injected clock (no I/O, no threads).
+"""Rate limits and connection caps for the node API, as pure logic over an injected clock (no I/O, no threads).
 
 A token bucket per key: ``per_minute`` tokens refill evenly over a minute up to ``burst``; a request costing
 ``n`` tokens passes when the bucket holds them. The server keys node attestation by source address (a flood
@@ -95,4 +95,54 @@ class KeyedRateLimiter:
             self._buckets.popitem(last=False)
 
 
-__all__ = ["DEFAULT_MAX_KEYS", "KeyedRateLimiter", "TokenBucket"]
+class ConnectionGate:
+    """Counts the node API connections that have not shown a client certificate, in total and per source
+    address, and refuses one more past either cap (``<= 0``: that cap is off).
+
+    Who is counted: every connection from accept until its TLS handshake ends (nobody has proven anything
+    yet), and then those that presented no certificate (they may attest and check health, nothing else).
+    Agents, once their certificate is verified, leave the count: a flood of anonymous connections can fill
+    the gate but never pushes out an agent that already holds its connection.
+    """
+
+    def __init__(self, max_total: int, max_per_source: int) -> None:
+        self.max_total = max_total
+        self.max_per_source = max_per_source
+        self._total = 0
+        self._by_source: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def count(self, source: str) -> int:
+        return self._by_source.get(source, 0)
+
+    def admit(self, source: str) -> str | None:
+        """Counts a new connection from ``source`` and returns None, or counts nothing and says which cap
+        refused it."""
+        held = self._by_source.get(source, 0)
+        if self.max_per_source > 0 and held >= self.max_per_source:
+            return f"{held} connections without a client certificate are open from {source} (the per-source cap)"
+        if self.max_total > 0 and self._total >= self.max_total:
+            return f"{self._total} connections without a client certificate are open (the cap)"
+        self._by_source[source] = held + 1
+        self._total += 1
+        return None
+
+    def release(self, source: str) -> None:
+        """The connection admitted from ``source`` closed, or proved an agent certificate."""
+        held = self._by_source.get(source, 0)
+        if held <= 0:
+            return
+        if held == 1:
+            del self._by_source[source]
+        else:
+            self._by_source[source] = held - 1
+        self._total -= 1
+
+    def __len__(self) -> int:
+        return len(self._by_source)
+
+
+__all__ = ["DEFAULT_MAX_KEYS", "ConnectionGate", "KeyedRateLimiter", "TokenBucket"]

@@ -1,4 +1,4 @@
-"""Operational settings of the server: where CA keys live, the metrics listener, rate limits.
+"""Operational settings of the server: where CA keys live, the metrics listener, rate limits, connection caps.
 
 Kept apart from :mod:`tessera.server.config` so the hardening knobs have one home; ``config`` appends
 :data:`OPS_SETTINGS` to its settings and stores the checked :class:`OpsConfig` as ``ServerConfig.ops``.
@@ -27,6 +27,31 @@ OPS_SETTINGS: tuple[Setting, ...] = (
         "attestation_rate_limit", "int", 60, help="node attestations per minute per source address (0 = no limit)"
     ),
     Setting("signing_rate_limit", "int", 20000, help="X509-SVID signatures per minute per agent (0 = no limit)"),
+    Setting(
+        "node_api_handshake_timeout",
+        "duration",
+        "10s",
+        help="node API connections that have not finished the TLS handshake by then are closed",
+    ),
+    Setting(
+        "node_api_first_request_timeout",
+        "duration",
+        "10s",
+        help="node API connections that send nothing this long after the TLS handshake are closed",
+    ),
+    Setting(
+        "node_api_max_unauthenticated_connections",
+        "int",
+        1024,
+        help="node API connections open at once without an agent certificate (in handshake, or attesting); "
+        "more are closed at once (0 = no limit)",
+    ),
+    Setting(
+        "node_api_max_unauthenticated_connections_per_source",
+        "int",
+        64,
+        help="the same, per source IP address (0 = no limit)",
+    ),
 )
 
 
@@ -41,6 +66,10 @@ class OpsConfig:
     metrics_port: int = 0
     attestation_rate_limit: int = 60
     signing_rate_limit: int = 20000
+    node_api_handshake_timeout: float = 10.0
+    node_api_first_request_timeout: float = 10.0
+    node_api_max_unauthenticated_connections: int = 1024
+    node_api_max_unauthenticated_connections_per_source: int = 64
 
 
 def build_ops_config(values: Mapping[str, Any]) -> OpsConfig:
@@ -71,13 +100,26 @@ def build_ops_config(values: Mapping[str, Any]) -> OpsConfig:
     metrics_port = 0
     if values.get("metrics_bind_address"):
         metrics_host, metrics_port = parse_host_port(values["metrics_bind_address"], "metrics_bind_address")
-    limits = {}
+    limits: dict[str, int] = {}
     for key in ("attestation_rate_limit", "signing_rate_limit"):
         raw = values.get(key)
         value = int(raw) if raw is not None else 0
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (no limit) or a positive number per minute, got {value}")
         limits[key] = value
+    for key in ("node_api_max_unauthenticated_connections", "node_api_max_unauthenticated_connections_per_source"):
+        raw = values.get(key)
+        value = int(raw) if raw is not None else 0
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 (no limit) or a positive number of connections, got {value}")
+        limits[key] = value
+    timeouts: list[float] = []
+    for key in ("node_api_handshake_timeout", "node_api_first_request_timeout"):
+        raw_seconds = values.get(key)
+        seconds = 10.0 if raw_seconds is None else float(raw_seconds)
+        if not 0 < seconds <= 600:
+            raise ConfigError(f"{key}: must be more than 0s and at most 10m, got {seconds:g}s")
+        timeouts.append(seconds)
     return OpsConfig(
         key_manager=manager,
         pkcs11_module=Path(module) if module else None,
@@ -86,6 +128,8 @@ def build_ops_config(values: Mapping[str, Any]) -> OpsConfig:
         pkcs11_key_label_prefix=prefix,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        node_api_handshake_timeout=timeouts[0],
+        node_api_first_request_timeout=timeouts[1],
         **limits,
     )
 

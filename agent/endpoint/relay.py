@@ -9,6 +9,13 @@ recorded caller. Nothing the client sends takes part in identifying it.
 
 The internal connection is opened on the first byte from the client, so idle connections cost only a file
 descriptor and never a gRPC transport.
+
+Local users may flood the socket (measured before these limits: 9,000 connections from ``nobody`` pinned the
+agent at its descriptor limit, ~3,500 descriptors stayed leaked after the attacker left, the log grew 125 MB a
+minute). So: each caller uid may hold a bounded number of connections (one more is closed at once); a
+connection that sends nothing within the first-request timeout is closed; every failure path closes both
+sides (the internal connection attempt has a timeout, so a paused caller is never left waiting); and the
+refusals are logged at a bounded rate.
 """
 
 from __future__ import annotations
@@ -22,16 +29,25 @@ import socket
 import struct
 
 from tessera._daemon.errors import SocketClaimError
+from tessera._daemon.ratelog import RateLimitedLog
 from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.agent.attestors.process import PeerCredentials, ProcessInfo, process_for
 from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.errors import AgentError, AttestationError
+from tessera.agent.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+    ConcurrencyLimiter,
+    StreamLimitExceeded,
+)
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
 _BACKLOG = 4096
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python names it from 3.13
+INTERNAL_CONNECT_TIMEOUT = 5.0
+CLOSE_GRACE = 5.0
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -89,20 +105,40 @@ class _Pipe:
         self.connecting = False
         self.bound_path = ""
         self.closed = False
+        self.caller_uid: int | None = None  # counted against the per-uid cap while set
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.cancel_idle_timer()
         if self.public is not None:
-            self.public.close()
+            self.public.close()  # flushes what the caller has not read yet, but not for longer than this:
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.public.abort)
         if self.internal is not None:
             self.internal.close()
         if self.bound_path:
             self.relay.registry.unregister(self.bound_path)
         if self.process is not None and self.relay.guard is not None:
             self.relay.guard.closed(self.process)
+        if self.caller_uid is not None:
+            self.relay.per_caller.release(self.caller_uid)
+            self.caller_uid = None
         self.relay.connections.discard(self)
+
+    def cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def idle_timeout(self) -> None:
+        """The caller sent nothing within the first-request timeout: its connection is closed."""
+        self.idle_timer = None
+        if not self.closed and not self.connecting:
+            if self.public is not None:
+                self.public.abort()  # nothing to flush; the descriptor back at once
+            self.close()
 
 
 class _PublicSide(asyncio.Protocol):
@@ -115,11 +151,13 @@ class _PublicSide(asyncio.Protocol):
         pipe.public = transport
         pipe.relay.connections.add(pipe)
         sock = transport.get_extra_info("socket")
+        if not pipe.relay.admit(pipe, sock):
+            return
         try:
             pipe.process = capture_caller(sock, pipe.relay.proc_root)
         except (OSError, AttestationError) as exc:
             # The caller vanished (or exec'd) before we could look at it; nothing to serve.
-            log.info("dropping connection: %s", exc)
+            pipe.relay.ratelog.info("dropping connection: %s", exc)
             pipe.close()
             return
         if pipe.relay.guard is not None:
@@ -134,6 +172,7 @@ class _PublicSide(asyncio.Protocol):
         if pipe.public is not None:
             pipe.public.pause_reading()  # hold the rest in the kernel until the internal side is up
         if not pipe.connecting and not pipe.closed:
+            pipe.cancel_idle_timer()
             pipe.connecting = True
             task = asyncio.get_running_loop().create_task(pipe.relay.open_internal(pipe))
             pipe.relay.tasks.add(task)
@@ -190,6 +229,9 @@ class WorkloadRelay:
         proc_root: str = "/proc",
         socket_mode: int = PUBLIC_SOCKET_MODE,
         guard: ConnectionGuard | None = None,
+        max_connections_per_caller: int = DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+        first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT,
+        internal_connect_timeout: float = INTERNAL_CONNECT_TIMEOUT,
     ) -> None:
         self.public_path = public_path
         self.internal_path = internal_path
@@ -198,6 +240,10 @@ class WorkloadRelay:
         self.proc_root = proc_root
         self.socket_mode = socket_mode
         self.guard = guard
+        self.per_caller = ConcurrencyLimiter(max_connections_per_caller, "Workload API connections open")
+        self.first_request_timeout = first_request_timeout
+        self.internal_connect_timeout = internal_connect_timeout
+        self.ratelog = RateLimitedLog(log)
         self.connections: set[_Pipe] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -229,29 +275,54 @@ class WorkloadRelay:
                 raise AgentError(str(exc)) from None
             raise
 
+    def admit(self, pipe: _Pipe, sock: socket.socket) -> bool:
+        """Counts a new connection against its caller uid's cap and starts its first-request timer; closes it at
+        once (False) when the uid is over its cap or already gone."""
+        try:
+            uid = peer_credentials(sock).uid
+            self.per_caller.acquire(uid)
+        except (OSError, StreamLimitExceeded) as exc:
+            self.ratelog.warning("Workload API: closed a new connection: %s", exc)
+            if pipe.public is not None:
+                pipe.public.abort()
+            pipe.close()
+            return False
+        pipe.caller_uid = uid
+        if self.first_request_timeout > 0:
+            pipe.idle_timer = asyncio.get_running_loop().call_later(self.first_request_timeout, pipe.idle_timeout)
+        return True
+
     async def open_internal(self, pipe: _Pipe) -> None:
         if pipe.process is None or pipe.closed:
             pipe.close()
             return
         loop = asyncio.get_running_loop()
         path = os.path.join(self.client_dir, f"c{next(self._ids)}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock: socket.socket | None = None
         try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # EMFILE here too must close the caller
             sock.bind(path)
             sock.setblocking(False)
             pipe.bound_path = path
             self.registry.register(path, pipe.process)
-            await loop.sock_connect(sock, self.internal_path)
+            # Bounded: the caller's reading is paused meanwhile, which would hide its EOF for as long as it lasts.
+            await asyncio.wait_for(loop.sock_connect(sock, self.internal_path), self.internal_connect_timeout)
             # The peer address stays recorded in the connected socket; the name is no longer needed.
             os.unlink(path)
             transport, _ = await loop.create_unix_connection(lambda: _InternalSide(pipe), sock=sock)
-        except OSError as exc:
-            log.warning("cannot reach the internal Workload API server: %s", exc)
-            sock.close()
+        except (OSError, TimeoutError) as exc:
+            self.ratelog.warning("cannot reach the internal Workload API server: %s", str(exc) or "timed out")
+            if sock is not None:
+                sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
             pipe.close()
             return
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            pipe.close()
+            raise
         if pipe.closed:
             transport.close()
             return

@@ -18,12 +18,14 @@ from tessera.agent.cache import WorkloadCache
 from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.endpoint.relay import PeerRegistry, WorkloadRelay
 from tessera.agent.endpoint.service import JwtMinter, WorkloadApiServicer
+from tessera.agent.limits import DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CALLER
 from tessera.proto import workload_pb2
 from tessera.sdk.workloadapi.wire import METHODS, SERVICE_NAME, generic_handler
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+INTERNAL_IDLE_MS = 300_000
 _PRIVATE_PACKAGE = ".tessera.workload."
 
 
@@ -80,8 +82,12 @@ class WorkloadEndpoint:
         proc_root: str = "/proc",
         first_response_timeout: float = 30.0,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_connections_per_caller: int = DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+        first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT,
     ) -> None:
         self.socket_path = socket_path
+        self._max_connections_per_caller = max_connections_per_caller
+        self._first_request_timeout = first_request_timeout
         self._interceptors = list(interceptors)
         self.registry = PeerRegistry()
         # Who holds a connection matters only while some entry selects by executable (unix:path, unix:sha256).
@@ -110,6 +116,9 @@ class WorkloadEndpoint:
             options=[
                 ("grpc.max_concurrent_streams", 10000),
                 ("grpc.so_reuseport", 0),
+                # A connection with no call open this long (one that sent a preface, never a request) is told
+                # to go away; clients reconnect on their next call. Its relay then closes both sides.
+                ("grpc.max_connection_idle_ms", INTERNAL_IDLE_MS),
             ],
         )
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
@@ -127,6 +136,8 @@ class WorkloadEndpoint:
             self.registry,
             proc_root=self._proc_root,
             guard=self.guard,
+            max_connections_per_caller=self._max_connections_per_caller,
+            first_request_timeout=self._first_request_timeout,
         )
         try:
             await self.relay.start()

@@ -10,6 +10,21 @@ a unique path* in a private 0700 directory and connects it to the internal gRPC 
 servicer's ``context.peer()`` then reads ``unix:<that path>``, which :class:`PeerRegistry` maps to the
 certificate verified during this connection's handshake. Nothing the client sends can choose that path.
 
+Nothing unbounded before a client certificate (ARCHITECTURE.md, "The trust boundary"):
+
+- Two internal gRPC servers: a connection whose client certificate is the current SVID of an attested agent
+  (checked once, right after the handshake) goes to the one serving every node API method; any other goes to
+  a small one serving only ``Attest`` and health, whose receive limit is small
+  (:mod:`tessera.server.api.msglimits`). So nobody but an agent makes the server buffer more than that,
+  whatever method it names. (Every call is still authorized on its own: a ban takes effect at once.)
+- A connection costs one descriptor until its first byte after the handshake, three once it is relayed. Those
+  not yet proven (in handshake, or anonymous) are capped in total and per source address
+  (:class:`~tessera.server.limits.ConnectionGate`, applied at accept by
+  :class:`~tessera.server.api.listener.GatedListener`: one more is closed at once), the handshake and the first
+  request each have a timeout, and an anonymous connection lives at most :data:`UNAUTHENTICATED_LIFETIME`.
+  Agents leave the count once their certificate verifies, so a flood never cuts an agent's open connection.
+- Refusals are logged at a bounded rate (:mod:`tessera._daemon.ratelog`); every end closes both sides.
+
 Rotation: one fixed front context whose ``sni_callback`` (which runs on every handshake, SNI or not) swaps
 in the current context; a new server SVID or trust bundle means building a new context and swapping the
 reference. A context already serving connections is never reconfigured (that crashed CPython under
@@ -26,19 +41,25 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tessera._daemon.ratelog import RateLimitedLog
 from tessera.sdk.keys import PrivateKey
+from tessera.sdk.tls import harden
+from tessera.server.api.listener import GatedListener
+from tessera.server.limits import ConnectionGate
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 15.0
 RELAY_CHUNK = 256 * 1024
+UNAUTHENTICATED_LIFETIME = 120.0
+INNER_CONNECT_TIMEOUT = 5.0
+SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +68,7 @@ class PeerInfo:
 
     leaf: x509.Certificate | None
     address: str
+    refusal: str | None = None  # why the leaf is not a current agent SVID (None: it is, or there is no leaf)
 
 
 class PeerRegistry:
@@ -76,8 +98,7 @@ def build_server_context(
     chain: Sequence[x509.Certificate], key: PrivateKey, roots: Sequence[x509.Certificate]
 ) -> ssl.SSLContext:
     """A fresh, never-again-modified server context: our SVID chain, client roots, optional client certs."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # the one TLS floor (versions, no session resumption)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -95,19 +116,55 @@ def build_server_context(
     return ctx
 
 
-class TlsFront:
-    """Accepts TLS on ``host:port`` and relays plaintext HTTP/2 to the gRPC server at ``inner_socket``."""
+AgentCheck = Callable[[x509.Certificate], Awaitable[str | None]]
+"""None when a verified client leaf is the current SVID of an attested agent, else why not."""
 
-    def __init__(self, inner_socket: Path, registry: PeerRegistry, context: ssl.SSLContext) -> None:
-        self._inner = str(inner_socket)
+
+@dataclass(frozen=True, slots=True)
+class FrontLimits:
+    """What one node API connection may cost before it proves anything (see the module docstring)."""
+
+    handshake_timeout: float = 10.0
+    first_request_timeout: float = 10.0
+    max_unauthenticated: int = 1024  # <= 0: no cap
+    max_unauthenticated_per_source: int = 64  # <= 0: no cap
+    unauthenticated_lifetime: float = UNAUTHENTICATED_LIFETIME
+
+
+@dataclass(frozen=True, slots=True)
+class InnerServers:
+    """The internal gRPC servers' sockets: ``agents`` for connections whose client certificate verified,
+    ``anonymous`` (Attest and health only, small messages) for the others."""
+
+    agents: Path
+    anonymous: Path
+
+
+class TlsFront:
+    """Accepts TCP on ``host:port``, runs the TLS handshake itself, and relays plaintext HTTP/2 to the internal
+    gRPC server the client's certificate (or the lack of one) calls for."""
+
+    def __init__(
+        self,
+        inner: InnerServers,
+        registry: PeerRegistry,
+        context: ssl.SSLContext,
+        limits: FrontLimits | None = None,
+        ratelog: RateLimitedLog | None = None,
+        authorize: AgentCheck | None = None,
+    ) -> None:
+        self._inner = inner
+        self._authorize = authorize
         self._registry = registry
         self._current = context
         self._front = context  # replaced in start() by a dedicated front context
-        self._server: asyncio.Server | None = None
+        self.limits = limits or FrontLimits()
+        self.gate = ConnectionGate(self.limits.max_unauthenticated, self.limits.max_unauthenticated_per_source)
+        self._ratelog = ratelog or RateLimitedLog(log)
+        self._listener = GatedListener(self.gate, self._serve, self._ratelog)
         self._client_dir = Path(tempfile.mkdtemp(prefix="tessera-relay-", dir="/tmp"))
         os.chmod(self._client_dir, 0o700)
         self._counter = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     def set_context(self, context: ssl.SSLContext) -> None:
@@ -120,67 +177,91 @@ class TlsFront:
     async def start(self, host: str, port: int, front: ssl.SSLContext) -> int:
         front.sni_callback = self._sni
         self._front = front
-        self._server = await asyncio.start_server(
-            self._handle, host, port, ssl=front, ssl_handshake_timeout=HANDSHAKE_TIMEOUT, limit=RELAY_CHUNK
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self._listener.start(host, port)
         return self.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+        await self._listener.close()
         with contextlib.suppress(OSError):
             for leftover in self._client_dir.iterdir():
                 leftover.unlink()
             self._client_dir.rmdir()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+    async def _serve(self, conn: socket.socket, source: str, address: str) -> None:
+        """One connection the gate admitted (counted for ``source`` until an agent certificate verifies)."""
+        loop = asyncio.get_running_loop()
+        counted = True
         path = self._client_dir / str(next(self._counter))
         peer_key = f"unix:{path}"
+        writer: asyncio.StreamWriter | None = None
         inner_writer: asyncio.StreamWriter | None = None
+        graceful = False
         try:
+            reader = asyncio.StreamReader(limit=RELAY_CHUNK)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            # From here the transport owns the socket (and closes it, whatever happens).
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self._front,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             sslobj = writer.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
             leaf = x509.load_der_x509_certificate(der) if der else None
-            peername = writer.get_extra_info("peername")
-            address = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(str(path))
-                sock.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(sock, self._inner)
-            except OSError:
-                sock.close()
-                raise
-            self._registry.add(peer_key, PeerInfo(leaf=leaf, address=address))
-            inner_reader, inner_writer = await asyncio.open_unix_connection(sock=sock, limit=RELAY_CHUNK)
-            await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
+            refusal = None
+            if leaf is not None and self._authorize is not None:
+                # Any SVID of the trust domain verifies; only an agent's opens the full node API.
+                refusal = await asyncio.wait_for(self._authorize(leaf), INNER_CONNECT_TIMEOUT)
+            agent = leaf is not None and refusal is None
+            if agent:
+                self.gate.release(source)
+                counted = False
+            first = await asyncio.wait_for(reader.read(RELAY_CHUNK), self.limits.first_request_timeout)
+            if not first:
+                return
+            target = self._inner.agents if agent else self._inner.anonymous
+            inner_reader, inner = await asyncio.wait_for(self._open_inner(path, target), INNER_CONNECT_TIMEOUT)
+            inner_writer = inner
+            self._registry.add(peer_key, PeerInfo(leaf=leaf, address=address, refusal=refusal))
+            inner.write(first)
+            relay = asyncio.gather(_pump(reader, inner), _pump(inner_reader, writer))
+            if not agent:
+                # Attest and health need seconds; nothing keeps an anonymous connection open longer.
+                await asyncio.wait_for(relay, self.limits.unauthenticated_lifetime)
+            else:
+                await relay
+            graceful = True
+        except TimeoutError:
+            log.debug("node API connection from %s timed out", address)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.debug("node API connection ended: %s", exc)
-        except asyncio.CancelledError:
-            # close() cancels open connections at shutdown; ending quietly here keeps asyncio's stream
-            # callback (which reads the task's exception) from logging a spurious traceback.
-            pass
+            log.debug("node API connection from %s ended: %s", address, exc)
         finally:
+            if counted:
+                self.gate.release(source)
             self._registry.remove(peer_key)
             for w in (inner_writer, writer):
                 if w is not None:
                     with contextlib.suppress(Exception):
-                        w.close()
+                        # A relay that ended normally flushes what is left; every other end (timeout, error,
+                        # shutdown) drops it, so a client that never reads cannot hold the descriptor.
+                        w.close() if graceful else w.transport.abort()
             with contextlib.suppress(OSError):
                 path.unlink()
-            if task is not None:
-                self._tasks.discard(task)
+
+    async def _open_inner(self, path: Path, target: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the internal server from a socket bound to ``path`` (the peer name gRPC reports)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, str(target))
+            return await asyncio.open_unix_connection(sock=sock, limit=RELAY_CHUNK)
+        except BaseException:
+            sock.close()
+            raise
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

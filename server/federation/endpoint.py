@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tessera.sdk.keys import PrivateKey
+from tessera.sdk.tls import harden
 
 log = logging.getLogger("tessera.server.federation.endpoint")
 
@@ -60,8 +61,7 @@ def _load_pem_into(ctx: ssl.SSLContext, data: bytes) -> None:
 
 
 def _base_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # the one TLS floor (versions, no session resumption)
     ctx.verify_mode = ssl.CERT_NONE  # anyone may read a public bundle
     return ctx
 

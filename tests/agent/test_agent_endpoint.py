@@ -390,7 +390,8 @@ def test_thousand_idle_connections_do_not_block_a_new_workload() -> None:
     add(cache, ca, entry("e1", ca, "/a", [ME]))
 
     async def main() -> None:
-        ep, path = await start_endpoint(cache)
+        # All from this test's uid: above the per-caller cap (tests/hardening/test_trust_limits_agent.py caps it).
+        ep, path = await start_endpoint(cache, max_connections_per_caller=2000)
         idle: list[socket.socket] = []
         try:
             for i in range(1000):

@@ -288,8 +288,12 @@ def test_batch_sign_oversized(agent: Agent, server: RunningServer) -> None:
     with server.admin() as client:
         entry = client.create_entry(f"spiffe://{TD}/hostile/batch", agent.spiffe_id)
     csr = csr_der(ec_key())
-    too_many = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=entry.id, csr=csr)] * 5000)
+    too_many = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=entry.id, csr=csr)] * 501)
     assert status_of(lambda: agent.stub().BatchSignX509SVID(too_many, timeout=60)) == INVALID
+    # Larger than any batch an agent sends: refused by size before it is parsed (api.msglimits).
+    too_large = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=entry.id, csr=csr)] * 5000)
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(lambda: agent.stub().BatchSignX509SVID(too_large, timeout=60)) == exhausted
     huge_csr = npb.BatchSignX509SVIDRequest(requests=[npb.X509SignRequest(entry_id=entry.id, csr=b"\x30" * 100_000)])
     assert status_of(lambda: agent.stub().BatchSignX509SVID(huge_csr, timeout=60)) == INVALID
 
