@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import ssl
 import tempfile
@@ -36,8 +35,8 @@ from tessera.agent.rotation import rotate_at
 from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
-from tessera.sdk.errors import TesseraError
-from tessera.sdk.files import write_atomic
+from tessera.sdk.errors import TesseraError, UnsafeDirectoryError
+from tessera.sdk.files import ensure_private_dir, write_atomic
 from tessera.sdk.keys import PrivateKey, generate_key, load_private_key_pem, private_key_to_pem
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import (
@@ -121,8 +120,11 @@ class IdentityStore:
         self.bundle_path = data_dir / "bundle.pem"
 
     def ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
+        """The agent's own 0700 directory for its key (see ensure_private_dir: never another user's)."""
+        try:
+            ensure_private_dir(self.dir)
+        except UnsafeDirectoryError as exc:
+            raise NodeIdentityError(f"data_dir: {exc}") from None
 
     def load_identity(self) -> AgentIdentity | None:
         if not self.svid_path.exists():

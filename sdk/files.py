@@ -52,14 +52,10 @@ def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> None:
-    """Creates ``path`` (and parents) if needed and makes sure only the owner can enter it."""
-    directory = Path(path)
-    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    st = os.lstat(directory)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(f"{directory} is not a directory")
-    if stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
-        os.chmod(directory, PRIVATE_DIR_MODE)
+    """:func:`ensure_owned_dir` for a daemon's data and key directories: made 0700 when missing; an existing one
+    must be the daemon's own and writable by nobody else, and loses any group or other access (through its
+    descriptor, never a chmod by path)."""
+    ensure_owned_dir(path, PRIVATE_DIR_MODE, tighten=True)
 
 
 def describe_uid(uid: int) -> str:
@@ -70,13 +66,14 @@ def describe_uid(uid: int) -> str:
         return f"uid {uid}"
 
 
-def ensure_owned_dir(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE) -> None:
+def ensure_owned_dir(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE, *, tighten: bool = False) -> None:
     """Makes ``path`` with exactly ``mode`` when it is missing, or checks that the directory there is the
     caller's own and that nobody else can write in it, before key files go into it.
 
     The new directory's mode is set through its descriptor (``fchmod``), so a permissive umask (000) cannot
     loosen it, and no chmod by path can follow a planted link. Missing parents are made like ``mkdir -p``
-    (0755 at most). An existing directory keeps its mode (the operator chose it); a symlink, another user's
+    (0755 at most). An existing directory keeps its mode (the operator chose it) unless ``tighten`` asks for
+    access beyond ``mode`` to be taken away; a symlink, another user's
     directory, or one that group or others may write is refused with UnsafeDirectoryError, one line naming
     the directory and its owner.
     """
@@ -111,6 +108,8 @@ def ensure_owned_dir(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE)
                 f"{directory} (owned by {describe_uid(st.st_uid)}) is writable by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); make it writable by you only or choose another directory"
             )
+        elif tighten and stat.S_IMODE(st.st_mode) & ~mode:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & mode)
     finally:
         os.close(fd)
 

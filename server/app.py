@@ -40,7 +40,8 @@ from tessera.proto import node_pb2 as npb
 from tessera.proto import node_pb2_grpc as ngrpc
 from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.config import ConfigError, load_settings
-from tessera.sdk.errors import TesseraError
+from tessera.sdk.errors import TesseraError, UnsafeDirectoryError
+from tessera.sdk.files import ensure_private_dir
 from tessera.sdk.keys import PrivateKey, generate_key
 from tessera.sdk.logs import setup_logging
 from tessera.sdk.x509profile import build_x509_svid
@@ -129,12 +130,13 @@ class ServerSvid:
 
 
 def _check_data_dir(path: Path) -> None:
+    """The data dir holds the CA keys and the datastore: the server's own directory, 0700 (see ensure_private_dir)."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(path)
+    except UnsafeDirectoryError as exc:
+        raise StartupError(f"data_dir: {exc}") from None
     except OSError as exc:
         raise StartupError(f"data_dir {path}: cannot create it: {exc.strerror or exc}") from None
-    if not path.is_dir():
-        raise StartupError(f"data_dir {path} is not a directory")
     probe = path / f".write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")

@@ -46,7 +46,7 @@ def _fresh_server(root: Path) -> tuple[TesseraServer, str]:
     return server, bundle
 
 
-def test_a_data_dir_the_server_user_cannot_write_is_a_clear_error(root: Path) -> None:
+def test_a_data_dir_the_server_user_does_not_own_is_a_clear_error(root: Path) -> None:
     data = root / "readonly"
     data.mkdir(mode=0o755)  # owned by root; the server runs as nobody
     sockets = root / "nobody-sockets"
@@ -63,7 +63,10 @@ def test_a_data_dir_the_server_user_cannot_write_is_a_clear_error(root: Path) ->
 
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/tmp", check=False)
     assert out.returncode == 1
-    assert out.stderr.strip() == f"tessera-server: error: data_dir {data} is not writable: Permission denied"
+    assert out.stderr.strip() == (
+        f"tessera-server: error: data_dir: {data} is owned by uid 0 (root), not by you (uid {NOBODY}); "
+        "remove it or choose another directory"
+    )
     assert not any(data.iterdir())
 
 

@@ -400,3 +400,40 @@ def test_fetch_write_makes_its_directory_0700_even_under_umask_000(base: Path) -
     assert out.returncode == 1 and "cannot reach the agent" in out.stderr  # no agent: the directory came first
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o700 and os.lstat(target).st_uid == 0
     assert stat.S_IMODE(os.lstat(target.parent).st_mode) == 0o755
+
+
+# ------------------------------------------------------------------ data directories: keys never in another's
+
+
+@pytest.mark.parametrize("daemon", ["agent", "server"])
+def test_a_data_directory_another_user_made_is_refused_before_any_key_is_written(base: Path, daemon: str) -> None:
+    """``nobody`` made the data directory first (a predictable path): the daemon would write its private key
+    and CA state where ``nobody`` can read or replace them. It refuses in one line naming the owner."""
+    data = base / "data"
+    nobody_mkdir(data, 0o700)
+    sock_dir = base / "sock"
+    argv = agent_argv(data, sock_dir / "api.sock") if daemon == "agent" else server_argv(data, sock_dir / "api.sock")
+    out = run(*argv, timeout=START_TIMEOUT)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "data_dir" in line and str(data) in line and "uid 65534 (nobody)" in line, line
+    assert as_nobody("import os; print(os.listdir(sys.argv[1]))", str(data)) == "[]"
+
+
+@pytest.mark.parametrize("daemon", ["agent", "server"])
+def test_a_data_directory_others_may_enter_is_closed_to_them_and_a_new_one_is_0700(base: Path, daemon: str) -> None:
+    """The daemon's own data directory left open (0755) is narrowed to 0700 through its descriptor; a new one is
+    0700 even under umask 000."""
+    for data, umask in ((base / "old", 0o022), (base / "new" / "data", 0o000)):
+        if umask:
+            data.mkdir(mode=0o755)
+            os.chmod(data, 0o755)
+        sock = base / f"sock-{data.name}" / "api.sock"
+        argv = agent_argv(data, sock) if daemon == "agent" else server_argv(data, sock)
+        proc = Daemon(daemon, with_umask(umask, argv), base / f"{daemon}-{data.name}.log").start()
+        try:
+            wait_for(lambda proc=proc, sock=sock: socket_up(sock, proc), START_TIMEOUT, f"{daemon} socket")
+            st = os.lstat(data)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, 0)
+        finally:
+            proc.stop()

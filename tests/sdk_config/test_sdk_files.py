@@ -65,7 +65,7 @@ def test_private_dir_is_tightened_and_symlinks_refused(tmp_path: Path) -> None:
     ensure_private_dir(loose)
     assert mode(loose) == 0o700
     (tmp_path / "link").symlink_to(loose)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(UnsafeDirectoryError, match="is a symbolic link"):
         ensure_private_dir(tmp_path / "link")
 
 
