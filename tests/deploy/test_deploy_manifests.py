@@ -90,6 +90,11 @@ def test_systemd_units_run_hardened(unit: Path) -> None:
     assert service["UMask"] == "0077"
     if "helper" not in unit.name:
         assert service["User"] and service["StateDirectory"] and service["ProtectSystem"] == "strict"
+    if unit.name == "tessera-agent.service":
+        # Workload attestation reads other users' /proc entries (exe, fd) and asks sock_diag who holds a
+        # connection's client end: without these the agent refuses every caller of a binary selector.
+        assert {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"} <= set(service["AmbientCapabilities"].split())
+        assert "AF_NETLINK" in service["RestrictAddressFamilies"].split()
 
 
 def test_compose_file_parses() -> None:
