@@ -12,10 +12,16 @@ descriptor and never a gRPC transport.
 
 Local users may flood the socket (measured before these limits: 9,000 connections from ``nobody`` pinned the
 agent at its descriptor limit, ~3,500 descriptors stayed leaked after the attacker left, the log grew 125 MB a
-minute). So: each caller uid may hold a bounded number of connections (one more is closed at once); a
-connection that sends nothing within the first-request timeout is closed; every failure path closes both
-sides (the internal connection attempt has a timeout, so a paused caller is never left waiting); and the
-refusals are logged at a bounded rate.
+minute). So:
+
+- Each caller uid may hold a bounded number of connections, decided at accept by the daemons' one accept loop
+  (:mod:`tessera._daemon.accept`): the uid is read from SO_PEERCRED in the loop's reader callback and one more
+  connection is closed there and then, before asyncio makes a transport for it. With asyncio's own
+  ``create_unix_server`` the cap came after the transport: 6,000 connections from ``nobody`` took the agent to
+  6,015 descriptors before it settled to the cap; now they stay within the cap plus one accept batch.
+- A connection that sends nothing within the first-request timeout is closed; every failure path closes both
+  sides (the internal connection attempt has a timeout, so a paused caller is never left waiting) and gives
+  the uid's count back exactly once; refusals are logged at a bounded rate.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import socket
 import struct
 
+from tessera._daemon.accept import AcceptLoop, Refused
 from tessera._daemon.errors import SocketClaimError
 from tessera._daemon.ratelog import RateLimitedLog
 from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
@@ -96,7 +103,7 @@ class PeerRegistry:
 class _Pipe:
     """One relayed connection: the caller's transport and, once opened, the internal one."""
 
-    def __init__(self, relay: WorkloadRelay) -> None:
+    def __init__(self, relay: WorkloadRelay, caller_uid: int) -> None:
         self.relay = relay
         self.public: asyncio.Transport | None = None
         self.internal: asyncio.Transport | None = None
@@ -105,7 +112,7 @@ class _Pipe:
         self.connecting = False
         self.bound_path = ""
         self.closed = False
-        self.caller_uid: int | None = None  # counted against the per-uid cap while set
+        self.caller_uid: int | None = caller_uid  # counted against the per-uid cap (at accept) while set
         self.idle_timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
@@ -142,17 +149,20 @@ class _Pipe:
 
 
 class _PublicSide(asyncio.Protocol):
-    def __init__(self, relay: WorkloadRelay) -> None:
-        self.pipe = _Pipe(relay)
+    def __init__(self, relay: WorkloadRelay, caller_uid: int) -> None:
+        self.pipe = _Pipe(relay, caller_uid)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         pipe = self.pipe
+        if pipe.closed:  # the relay closed while the transport was being made
+            transport.abort()
+            return
         pipe.public = transport
         pipe.relay.connections.add(pipe)
         sock = transport.get_extra_info("socket")
-        if not pipe.relay.admit(pipe, sock):
-            return
+        if pipe.relay.first_request_timeout > 0:
+            pipe.idle_timer = asyncio.get_running_loop().call_later(pipe.relay.first_request_timeout, pipe.idle_timeout)
         try:
             pipe.process = capture_caller(sock, pipe.relay.proc_root)
         except (OSError, AttestationError) as exc:
@@ -246,7 +256,7 @@ class WorkloadRelay:
         self.ratelog = RateLimitedLog(log)
         self.connections: set[_Pipe] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._accept: AcceptLoop[int] | None = None
         self._claim: ClaimedSocket | None = None
         self._ids = itertools.count(1)
 
@@ -264,8 +274,9 @@ class WorkloadRelay:
             # Every local user may call the Workload API; who they are is decided per connection.
             self._claim = claim_socket(self.public_path, bind, dir_mode=PUBLIC_DIR_MODE, socket_mode=self.socket_mode)
             sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(lambda: _PublicSide(self), sock=sock, backlog=_BACKLOG)
+            accept = AcceptLoop[int]("Workload API", self.admit, self._serve, ratelog=self.ratelog)
+            accept.start([sock])  # the loop owns the socket from here
+            self._accept = accept
         except BaseException as exc:
             sock.close()
             if self._claim is not None:
@@ -275,22 +286,29 @@ class WorkloadRelay:
                 raise AgentError(str(exc)) from None
             raise
 
-    def admit(self, pipe: _Pipe, sock: socket.socket) -> bool:
-        """Counts a new connection against its caller uid's cap and starts its first-request timer; closes it at
-        once (False) when the uid is over its cap or already gone."""
+    def admit(self, conn: socket.socket, _addr: object) -> int | Refused:
+        """At accept, before any transport: counts a new connection against its caller uid's cap and returns the
+        uid, or counts nothing and says why the accept loop must close it at once (over the cap, or gone)."""
         try:
-            uid = peer_credentials(sock).uid
+            uid = peer_credentials(conn).uid
+        except OSError as exc:
+            return Refused("a caller", f"cannot read its credentials: {exc}")
+        try:
             self.per_caller.acquire(uid)
-        except (OSError, StreamLimitExceeded) as exc:
-            self.ratelog.warning("Workload API: closed a new connection: %s", exc)
-            if pipe.public is not None:
-                pipe.public.abort()
-            pipe.close()
-            return False
-        pipe.caller_uid = uid
-        if self.first_request_timeout > 0:
-            pipe.idle_timer = asyncio.get_running_loop().call_later(self.first_request_timeout, pipe.idle_timeout)
-        return True
+        except StreamLimitExceeded as exc:
+            return Refused(f"uid {uid}", str(exc))
+        return uid
+
+    async def _serve(self, conn: socket.socket, _addr: object, uid: int) -> None:
+        """An admitted connection, counted for ``uid``: its transport and :class:`_PublicSide` from here on (the
+        pipe releases the count when it closes)."""
+        side = _PublicSide(self, uid)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: side, sock=conn)
+        except BaseException:
+            conn.close()
+            side.pipe.close()  # releases the uid's count, once
+            raise
 
     async def open_internal(self, pipe: _Pipe) -> None:
         if pipe.process is None or pipe.closed:
@@ -334,8 +352,8 @@ class WorkloadRelay:
             pipe.public.resume_reading()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accept is not None:
+            self._accept.stop_accepting()
         if self._claim is not None:
             self._claim.release()  # only if the name still holds our socket
             self._claim = None
@@ -343,6 +361,6 @@ class WorkloadRelay:
             pipe.close()
         for task in list(self.tasks):
             task.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        if self._accept is not None:
+            await self._accept.close()  # connections admitted whose transport is not made yet
+            self._accept = None

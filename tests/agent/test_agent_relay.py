@@ -177,6 +177,58 @@ def test_connections_past_the_per_uid_cap_are_closed_at_once() -> None:
     run(main())
 
 
+def test_connections_past_the_per_uid_cap_never_get_a_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is applied at accept: a refused connection costs no protocol, no transport, no pipe (asyncio's own
+    accept made all three first, which let a flood hold thousands of descriptors past the cap)."""
+    made: list[object] = []
+
+    class Counted(relay_module._PublicSide):
+        def __init__(self, *args: Any) -> None:
+            made.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(relay_module, "_PublicSide", Counted)
+
+    async def main() -> None:
+        async with relay(max_connections_per_caller=3, first_request_timeout=60) as r:
+            held = [await connect(r.public_path) for _ in range(3)]
+            await eventually(lambda: len(r.connections) == 3)
+            extra = [await connect(r.public_path) for _ in range(20)]
+            for s in extra:
+                assert await closed_by_relay(s, timeout=5)
+                s.close()
+            assert len(made) == 3 and len(r.connections) == 3 and r.per_caller.open_count(os.getuid()) == 3
+            for s in held:
+                s.close()
+            await eventually(lambda: settled(r))
+
+    run(main())
+
+
+def test_closing_the_relay_gives_every_count_back() -> None:
+    """Connections admitted (counted) whose transport is still being made when the relay closes: closed, and
+    their uid's count released once."""
+
+    async def main() -> None:
+        d = socket_dir()
+        r = WorkloadRelay(f"{d}/api.sock", f"{d}/none.sock", f"{d}/c", PeerRegistry(), max_connections_per_caller=50)
+        await r.start()
+        try:
+            before = open_fds()
+            clients = [await connect(r.public_path) for _ in range(30)]
+            await eventually(lambda: r.per_caller.open_count(os.getuid()) > 0)
+            await r.close()
+            assert r.per_caller.total == 0 and not r.connections and len(r.registry) == 0
+            for s in clients:
+                assert await closed_by_relay(s, timeout=5)
+                s.close()
+            await eventually(lambda: open_fds() <= before - 1)  # the listener is gone too
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    run(main())
+
+
 def test_no_cap_means_no_cap() -> None:
     async def main() -> None:
         async with relay(max_connections_per_caller=0) as r:
