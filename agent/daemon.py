@@ -238,6 +238,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until ``stop`` is set; raises NodeIdentityError when the agent cannot authenticate."""
         raise_fd_limit()
+        self.node.store.ensure_dir()  # the agent's own 0700 directory, checked before anything is served
         if self.metrics is not None and self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             listener = MetricsListener(self.metrics.registry)

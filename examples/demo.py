@@ -657,6 +657,7 @@ class Demo:
             for name, e in (("backend", ident_b), ("frontend", ident_f))
         }
         show_next = {"gRPC", "HTTPS"}  # print the next call of these in full
+        current: dict[str, str | None] = {"backend": None, "frontend": None}  # serials since the last rotations
         gauge_shown = False
         after_rotation: dict[str, int] = {"gRPC": 0, "HTTPS": 0}
         started = time.monotonic()
@@ -686,6 +687,7 @@ class Demo:
                     raise DemoError(f"the {child.name} exited unexpectedly:\n{child.log_tail()}")
                 if kind == "rotated":
                     rotated[child.name] += 1
+                    current[child.name] = event["serial"]
                     stats["rotations"] += 1
                     after_rotation = {"gRPC": 0, "HTTPS": 0}
                     show_next = {"gRPC", "HTTPS"}
@@ -696,6 +698,12 @@ class Demo:
                     proto = event["proto"]
                     if event["ok"]:
                         stats["ok"] += 1
+                        # A call already under way when a certificate rotated still carries the old one: only
+                        # calls made with both sides' current certificates count (and are shown) as "after".
+                        fresh = current["frontend"] in (None, event["my_serial"]) and current["backend"] in (
+                            None, event["backend_serial"])
+                        if not fresh:
+                            continue
                         if rotated["backend"] or rotated["frontend"]:
                             after_rotation[proto] += 1
                         if proto in show_next:
