@@ -103,9 +103,15 @@ _LEAF_RULES = _Verifiers(None)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _der_chain(pem: bytes) -> tuple[bytes, ...]:
-    """gRPC's PEM chain (leaf first) as DER; the same callers' chains come back on every call."""
-    return tuple(cert.public_bytes(Encoding.DER) for cert in x509.load_pem_x509_certificates(pem))
+def _der_chain(leaf_pem: bytes, chain_pem: bytes | None) -> tuple[bytes, ...]:
+    """The caller's chain as DER, leaf first; the same callers' chains come back on every call.
+
+    gRPC reports the leaf (``x509_pem_cert``) apart from the rest: on the server side its
+    ``x509_pem_cert_chain`` holds only the intermediates (OpenSSL's peer chain leaves the leaf out there).
+    """
+    leaf = x509.load_pem_x509_certificate(leaf_pem).public_bytes(Encoding.DER)
+    rest = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(chain_pem)] if chain_pem else []
+    return (leaf, *(der for der in rest if der != leaf))
 
 
 def _auth_value(auth: Any, key: str) -> bytes | None:
@@ -115,11 +121,11 @@ def _auth_value(auth: Any, key: str) -> bytes | None:
 
 def _presented_chain(context: Any) -> tuple[bytes, ...]:
     auth = context.auth_context()
-    pem = _auth_value(auth, "x509_pem_cert_chain") or _auth_value(auth, "x509_pem_cert")
-    if pem is None:
+    leaf = _auth_value(auth, "x509_pem_cert")
+    if leaf is None:
         raise PeerAuthorizationError("peer presented no certificate (is the server using TLS credentials?)")
     try:
-        return _der_chain(pem)
+        return _der_chain(leaf, _auth_value(auth, "x509_pem_cert_chain"))
     except ValueError as exc:
         raise PeerAuthorizationError(f"peer certificate chain is unreadable: {exc}") from None
 
