@@ -417,6 +417,17 @@ class _RotatingChannelBase:
         """The underlying channel new calls use right now."""
         return self._current_channel()
 
+    def _take_all(self) -> list[Any]:
+        """Marks the channel closed and hands over every underlying channel (current and retired) to close."""
+        with self._lock:
+            self._closed = True
+            channels = [c for _, c in self._retired]
+            if self._channel is not None:
+                channels.append(self._channel)
+            self._retired = []
+            self._channel = None
+        return channels
+
 
 def _kw(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("request_serializer", "response_deserializer")
@@ -456,14 +467,7 @@ class SpiffeChannel(_RotatingChannelBase):
         self._current_channel().unsubscribe(callback)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            channels = [c for _, c in self._retired]
-            if self._channel is not None:
-                channels.append(self._channel)
-            self._retired = []
-            self._channel = None
-        for channel in channels:
+        for channel in self._take_all():
             channel.close()
 
     def __enter__(self) -> SpiffeChannel:
@@ -497,14 +501,7 @@ class AsyncSpiffeChannel(_RotatingChannelBase):
         self._closing.append(asyncio.ensure_future(channel.close()))
 
     async def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            channels = [c for _, c in self._retired]
-            if self._channel is not None:
-                channels.append(self._channel)
-            self._retired = []
-            self._channel = None
-        for channel in channels:
+        for channel in self._take_all():
             await channel.close()
         for task in self._closing:
             await task

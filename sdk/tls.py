@@ -226,9 +226,7 @@ class _ClientFront(_SpiffeContext):
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLSocket:
-        if server_side:
-            raise ValueError("a SPIFFE client context cannot accept connections; use server_context()")
-        return self._tessera_rotating.current().wrap_socket(
+        return self._client(server_side).wrap_socket(
             sock,
             do_handshake_on_connect=do_handshake_on_connect,
             suppress_ragged_eofs=suppress_ragged_eofs,
@@ -244,14 +242,15 @@ class _ClientFront(_SpiffeContext):
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
-        if server_side:
-            raise ValueError("a SPIFFE client context cannot accept connections; use server_context()")
-        return self._tessera_rotating.current().wrap_bio(
-            incoming, outgoing, server_hostname=server_hostname, session=session
-        )
+        return self._client(server_side).wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
 
     def current_context(self) -> ssl.SSLContext:
         """The immutable context new connections use right now."""
+        return self._tessera_rotating.current()
+
+    def _client(self, server_side: bool) -> ssl.SSLContext:
+        if server_side:
+            raise ValueError("a SPIFFE client context cannot accept connections; use server_context()")
         return self._tessera_rotating.current()
 
 
