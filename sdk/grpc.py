@@ -6,7 +6,8 @@ and client channels that follow rotation.
   back a prepared configuration when (and only when) it changed.
 * Authorization: gRPC's TLS stack verifies the client chain against the bundles but knows nothing of SPIFFE
   IDs, so :class:`SpiffeServerInterceptor` (sync) and :class:`AsyncSpiffeServerInterceptor` (``grpc.aio``)
-  check the caller's ID before the handler runs and fail the call with PERMISSION_DENIED otherwise. Handlers
+  hand the caller's chain to the same peer verifier as the ``ssl`` contexts (:mod:`tessera.sdk.peer`) before
+  the handler runs and fail the call with PERMISSION_DENIED otherwise. Handlers
   read the caller with :func:`peer_spiffe_id` (from the context) or :func:`current_peer_id` (a contextvar).
 * Client: a Python gRPC client cannot verify a server by URI SAN: hostname checking always runs. Servers
   that gRPC clients reach therefore carry a DNS SAN (registration entry ``dns_names``), and the client
@@ -29,14 +30,12 @@ from typing import Any
 import grpc
 import grpc.aio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from tessera.sdk.crl import RevocationChecker
-from tessera.sdk.errors import AuthorizationError, TesseraError
+from tessera.sdk.errors import AuthorizationError
+from tessera.sdk.peer import CACHE_SIZE, Authorizer, PeerAuthorizationError, PeerVerifier
 from tessera.sdk.source import X509Snapshot, X509SnapshotSource
 from tessera.sdk.spiffeid import SpiffeId
-from tessera.sdk.svid import parse_pem_certificates
-from tessera.sdk.tls import Authorizer
-from tessera.sdk.verify import verify_x509_svid
 
 log = logging.getLogger(__name__)
 
@@ -80,65 +79,39 @@ def server_credentials(source: X509SnapshotSource) -> grpc.ServerCredentials:
 # -- peer identity ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)
-def _id_from_pem(pem: bytes) -> SpiffeId:
-    cert = x509.load_pem_x509_certificate(pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise AuthorizationError("peer certificate has no SAN extension; it is not an X509-SVID") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise AuthorizationError(f"peer certificate has {len(uris)} URI SANs; an X509-SVID has exactly one")
-    sid = SpiffeId.parse(uris[0])
-    if not sid.is_workload_id():
-        raise AuthorizationError(f"peer ID {sid} has no path; it is not a workload SVID")
-    return sid
+class _Verifiers:
+    """The peer verifier (:mod:`tessera.sdk.peer`) of the source's current snapshot: a new one per snapshot,
+    so its cache of verified chains follows the bundles and CRLs. Without a source the bundles are unknown:
+    gRPC's TLS verified the chain against its trust store, and the verifier checks the leaf rules and dates."""
+
+    def __init__(self, source: X509SnapshotSource | None) -> None:
+        self._source = source
+        self._current: tuple[X509Snapshot | None, PeerVerifier] = (None, PeerVerifier(None))
+
+    def current(self) -> PeerVerifier:
+        if self._source is None:
+            return self._current[1]
+        snapshot = self._source.snapshot()
+        current = self._current
+        if current[0] is not snapshot:
+            current = (snapshot, PeerVerifier(snapshot.bundles, snapshot.crls))
+            self._current = current
+        return current[1]
 
 
-class _ReverifyCache:
-    """Remembers which caller chains anchor in their own trust domain's bundle, per bundle snapshot, so the
-    per-call cost with several trust domains is a dict lookup after a chain's first call."""
+_LEAF_RULES = _Verifiers(None)
 
-    def __init__(self) -> None:
-        self._snapshot: X509Snapshot | None = None
-        self._verified: dict[bytes, SpiffeId] = {}
-        self._revocations: RevocationChecker | None = None
-        self._not_revoked: set[bytes] = set()
 
-    def _follow(self, snapshot: X509Snapshot) -> None:
-        if snapshot is not self._snapshot:
-            self._verified = {}
-            self._not_revoked = set()
-            self._revocations = RevocationChecker(snapshot.crls) if snapshot.crls else None
-            self._snapshot = snapshot
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _der_chain(leaf_pem: bytes, chain_pem: bytes | None) -> tuple[bytes, ...]:
+    """The caller's chain as DER, leaf first; the same callers' chains come back on every call.
 
-    def revoked(self, snapshot: X509Snapshot, peer: SpiffeId, leaf_pem: bytes, chain_pem: bytes | None) -> bool:
-        """Whether the caller's leaf is on a CRL of the snapshot (signed by its issuer)."""
-        self._follow(snapshot)
-        checker = self._revocations
-        if checker is None or leaf_pem in self._not_revoked:
-            return False
-        certs = parse_pem_certificates(chain_pem or leaf_pem)
-        issuers = certs[1:]
-        bundle = snapshot.bundles.get(peer.trust_domain)
-        if bundle is not None:
-            issuers.extend(bundle.authorities)
-        if checker.is_revoked(parse_pem_certificates(leaf_pem)[0], issuers):
-            return True
-        if len(self._not_revoked) < 4096:
-            self._not_revoked.add(leaf_pem)
-        return False
-
-    def verify(self, snapshot: X509Snapshot, chain_pem: bytes) -> SpiffeId:
-        self._follow(snapshot)
-        verified = self._verified
-        sid = verified.get(chain_pem)
-        if sid is None:
-            sid, _ = verify_x509_svid(parse_pem_certificates(chain_pem), snapshot.bundles)
-            if len(verified) < 4096:
-                verified[chain_pem] = sid
-        return sid
+    gRPC reports the leaf (``x509_pem_cert``) apart from the rest: on the server side its
+    ``x509_pem_cert_chain`` holds only the intermediates (OpenSSL's peer chain leaves the leaf out there).
+    """
+    leaf = x509.load_pem_x509_certificate(leaf_pem).public_bytes(Encoding.DER)
+    rest = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(chain_pem)] if chain_pem else []
+    return (leaf, *(der for der in rest if der != leaf))
 
 
 def _auth_value(auth: Any, key: str) -> bytes | None:
@@ -146,48 +119,23 @@ def _auth_value(auth: Any, key: str) -> bytes | None:
     return values[0] if values else None
 
 
-def _authorize_context(
-    context: Any, authorizer: Authorizer, source: X509SnapshotSource | None, cache: _ReverifyCache
-) -> SpiffeId:
+def _presented_chain(context: Any) -> tuple[bytes, ...]:
     auth = context.auth_context()
-    pem = _auth_value(auth, "x509_pem_cert")
-    if pem is None:
-        raise AuthorizationError("the caller presented no certificate (is the server using TLS credentials?)")
+    leaf = _auth_value(auth, "x509_pem_cert")
+    if leaf is None:
+        raise PeerAuthorizationError("peer presented no certificate (is the server using TLS credentials?)")
     try:
-        peer = _id_from_pem(pem)
-    except (TesseraError, ValueError) as exc:
-        raise AuthorizationError(f"caller certificate is not a valid X509-SVID: {exc}") from None
-    if source is not None:
-        snapshot = source.snapshot()
-        if len(snapshot.bundles) > 1:
-            chain = _auth_value(auth, "x509_pem_cert_chain") or pem
-            try:
-                verified = cache.verify(snapshot, chain)
-            except (TesseraError, ValueError) as exc:
-                raise AuthorizationError(
-                    f"caller {peer} does not chain to its own trust domain's bundle: {exc}"
-                ) from None
-            if verified != peer:
-                raise AuthorizationError(f"caller chain verifies as {verified}, not {peer}")
-        try:
-            chain_pem = _auth_value(auth, "x509_pem_cert_chain")
-            revoked = bool(snapshot.crls) and cache.revoked(snapshot, peer, pem, chain_pem)
-        except (TesseraError, ValueError) as exc:
-            raise AuthorizationError(f"caller {peer}'s chain is unreadable: {exc}") from None
-        if revoked:
-            raise AuthorizationError(f"caller {peer} presented a revoked certificate")
-    authorizer(peer)
-    return peer
+        return _der_chain(leaf, _auth_value(auth, "x509_pem_cert_chain"))
+    except ValueError as exc:
+        raise PeerAuthorizationError(f"peer certificate chain is unreadable: {exc}") from None
 
 
 def peer_spiffe_id(context: Any) -> SpiffeId | None:
-    """The caller's SPIFFE ID from a servicer context (sync or aio), or None without a valid client SVID."""
-    pem = _auth_value(context.auth_context(), "x509_pem_cert")
-    if pem is None:
-        return None
+    """The caller's SPIFFE ID from a servicer context (sync or aio), or None without a valid client SVID
+    (its leaf must follow the X509-SVID rules and be within its dates; authorization is the interceptor's)."""
     try:
-        return _id_from_pem(pem)
-    except (TesseraError, ValueError):
+        return _LEAF_RULES.current().authenticate(_presented_chain(context))
+    except PeerAuthorizationError:
         return None
 
 
@@ -238,18 +186,20 @@ def _rebuild(handler: Any, request_deserializer: Callable[[bytes], Any] | None, 
 
 
 class SpiffeServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Rejects callers whose SPIFFE ID ``authorizer`` refuses, with PERMISSION_DENIED, before the handler
-    runs. Give ``source`` when the server trusts several trust domains: the caller's chain is then verified
-    again against its own trust domain's bundle alone."""
+    """Rejects callers the peer verifier refuses, with PERMISSION_DENIED, before the handler runs: the same
+    verification as the ``ssl`` contexts (:mod:`tessera.sdk.peer`), then ``authorizer``.
+
+    Give ``source`` (the one given to :func:`server_credentials`): the caller's chain is then verified again
+    against its own trust domain's bundle and checked against the source's CRLs. Without it, only the leaf
+    rules and dates are checked on top of gRPC's own chain verification against every trusted bundle."""
 
     def __init__(self, authorizer: Authorizer, source: X509SnapshotSource | None = None) -> None:
         self._authorizer = authorizer
-        self._source = source
-        self._cache = _ReverifyCache()
+        self._verifiers = _Verifiers(source)
 
     def _check(self, context: Any) -> SpiffeId:
         try:
-            return _authorize_context(context, self._authorizer, self._source, self._cache)
+            return self._verifiers.current().verify(_presented_chain(context), self._authorizer)
         except AuthorizationError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"caller not authorized: {exc}")
             raise  # abort raises; this keeps type checkers honest
@@ -298,12 +248,11 @@ class AsyncSpiffeServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[
 
     def __init__(self, authorizer: Authorizer, source: X509SnapshotSource | None = None) -> None:
         self._authorizer = authorizer
-        self._source = source
-        self._cache = _ReverifyCache()
+        self._verifiers = _Verifiers(source)
 
     async def _check(self, context: Any) -> SpiffeId:
         try:
-            return _authorize_context(context, self._authorizer, self._source, self._cache)
+            return self._verifiers.current().verify(_presented_chain(context), self._authorizer)
         except AuthorizationError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"caller not authorized: {exc}")
             raise
@@ -468,6 +417,17 @@ class _RotatingChannelBase:
         """The underlying channel new calls use right now."""
         return self._current_channel()
 
+    def _take_all(self) -> list[Any]:
+        """Marks the channel closed and hands over every underlying channel (current and retired) to close."""
+        with self._lock:
+            self._closed = True
+            channels = [c for _, c in self._retired]
+            if self._channel is not None:
+                channels.append(self._channel)
+            self._retired = []
+            self._channel = None
+        return channels
+
 
 def _kw(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("request_serializer", "response_deserializer")
@@ -507,14 +467,7 @@ class SpiffeChannel(_RotatingChannelBase):
         self._current_channel().unsubscribe(callback)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            channels = [c for _, c in self._retired]
-            if self._channel is not None:
-                channels.append(self._channel)
-            self._retired = []
-            self._channel = None
-        for channel in channels:
+        for channel in self._take_all():
             channel.close()
 
     def __enter__(self) -> SpiffeChannel:
@@ -548,14 +501,7 @@ class AsyncSpiffeChannel(_RotatingChannelBase):
         self._closing.append(asyncio.ensure_future(channel.close()))
 
     async def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            channels = [c for _, c in self._retired]
-            if self._channel is not None:
-                channels.append(self._channel)
-            self._retired = []
-            self._channel = None
-        for channel in channels:
+        for channel in self._take_all():
             await channel.close()
         for task in self._closing:
             await task

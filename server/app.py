@@ -479,7 +479,7 @@ class ServerApp:
             inner, self._registry, self._tls_context(), limits, RateLimitedLog(log), authorize=self._agent_check
         )
         try:
-            self.node_port = await self._front.start(cfg.bind_host, cfg.bind_port, self._tls_context())
+            self.node_port = await self._front.start(cfg.bind_host, cfg.bind_port)
         except OSError as exc:
             raise StartupError(f"bind_address {cfg.bind_address}: cannot listen: {exc.strerror or exc}") from None
         if cfg.federation_host is not None:

@@ -28,7 +28,8 @@ Nothing unbounded before a client certificate (ARCHITECTURE.md, "The trust bound
 Rotation: one fixed front context whose ``sni_callback`` (which runs on every handshake, SNI or not) swaps
 in the current context; a new server SVID or trust bundle means building a new context and swapping the
 reference. A context already serving connections is never reconfigured (that crashed CPython under
-concurrent handshakes), and roots can only be replaced by a new context.
+concurrent handshakes), and roots can only be replaced by a new context. Both come from the SDK's one
+context factory (:mod:`tessera.sdk.tlscontext`), which decides the TLS floor and keeps the key off the disk.
 """
 
 from __future__ import annotations
@@ -46,11 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tessera._daemon.ratelog import RateLimitedLog
 from tessera.sdk.keys import PrivateKey
-from tessera.sdk.tls import harden
+from tessera.sdk.tlscontext import build_context, switching_server_context
 from tessera.server.api.listener import GatedListener
 from tessera.server.limits import ConnectionGate
 
@@ -90,30 +90,11 @@ class PeerRegistry:
         return len(self._peers)
 
 
-def _pem_chain(certs: Sequence[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
 def build_server_context(
     chain: Sequence[x509.Certificate], key: PrivateKey, roots: Sequence[x509.Certificate]
 ) -> ssl.SSLContext:
-    """A fresh, never-again-modified server context: our SVID chain, client roots, optional client certs."""
-    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # the one TLS floor (versions, no session resumption)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    # load_cert_chain only takes paths: an anonymous memory file keeps the key off the disk.
-    fd = os.memfd_create("tessera-server-svid", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, _pem_chain(chain) + key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    if roots:
-        ctx.load_verify_locations(cadata=_pem_chain(roots).decode())
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
+    """A fresh, never-again-modified server context: our SVID chain, client roots, optional client certs, HTTP/2."""
+    return build_context(True, chain=chain, key=key, roots=roots, verify_mode=ssl.CERT_OPTIONAL, alpn=("h2",))
 
 
 AgentCheck = Callable[[x509.Certificate], Awaitable[str | None]]
@@ -157,7 +138,8 @@ class TlsFront:
         self._authorize = authorize
         self._registry = registry
         self._current = context
-        self._front = context  # replaced in start() by a dedicated front context
+        # The front's verify mode is the one OpenSSL applies: ask for a client certificate, never require one.
+        self._front: ssl.SSLContext = switching_server_context(lambda: self._current, verify_mode=ssl.CERT_OPTIONAL)
         self.limits = limits or FrontLimits()
         self.gate = ConnectionGate(self.limits.max_unauthenticated, self.limits.max_unauthenticated_per_source)
         self._ratelog = ratelog or RateLimitedLog(log)
@@ -171,12 +153,7 @@ class TlsFront:
         """New handshakes use ``context`` from now on (existing connections keep theirs)."""
         self._current = context
 
-    def _sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = self._current
-
-    async def start(self, host: str, port: int, front: ssl.SSLContext) -> int:
-        front.sni_callback = self._sni
-        self._front = front
+    async def start(self, host: str, port: int) -> int:
         self.port = await self._listener.start(host, port)
         return self.port
 

@@ -9,7 +9,8 @@ after one answer: the endpoint is polled every few minutes, never a hot path.
 TLS: ``https_web`` presents a certificate and key read from configured files (re-read when they change, so a
 certificate renewed by an ACME client is picked up); ``https_spiffe`` presents the server's own X509-SVID,
 swapped in whenever the server renews it. Both use one fixed front context whose ``sni_callback`` switches
-each handshake to the current immutable context (a live context is never reconfigured).
+each handshake to the current immutable context (a live context is never reconfigured); every context comes
+from the SDK's one factory (:mod:`tessera.sdk.tlscontext`).
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import contextlib
 import logging
 import os
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tessera.sdk.keys import PrivateKey
-from tessera.sdk.tls import harden
+from tessera.sdk.tlscontext import build_context, switching_server_context
 
 log = logging.getLogger("tessera.server.federation.endpoint")
 
@@ -37,54 +36,17 @@ REQUEST_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 
 
-def _load_pem_into(ctx: ssl.SSLContext, data: bytes) -> None:
-    """``load_cert_chain`` reads files only: give it an anonymous memory file (or a 0600 file removed at once)."""
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is not None:
-        fd = memfd_create("tessera-bundle-endpoint", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-            return
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    with tempfile.TemporaryDirectory(prefix="tessera-fed-") as tmp:
-        path = os.path.join(tmp, "cert.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        ctx.load_cert_chain(path)
-
-
-def _base_context() -> ssl.SSLContext:
-    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # the one TLS floor (versions, no session resumption)
-    ctx.verify_mode = ssl.CERT_NONE  # anyone may read a public bundle
-    return ctx
-
-
 def svid_context(chain: Sequence[x509.Certificate], key: PrivateKey) -> ssl.SSLContext:
     """``https_spiffe``: the server's own X509-SVID (leaf first, then intermediates)."""
-    ctx = _base_context()
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-    pem += key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _load_pem_into(ctx, pem)
-    return ctx
+    return build_context(True, chain=chain, key=key, verify_mode=ssl.CERT_NONE)  # anyone may read a public bundle
 
 
 def web_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """``https_web``: a Web PKI certificate chain and its key from files (ValueError naming the file)."""
-    ctx = _base_context()
     try:
-        ctx.load_cert_chain(str(cert_file), str(key_file))
+        return build_context(True, cert_file=cert_file, key_file=key_file, verify_mode=ssl.CERT_NONE)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"federation_cert/federation_key ({cert_file}, {key_file}): cannot load: {exc}") from None
-    return ctx
 
 
 class WebCertificateFiles:
@@ -147,13 +109,8 @@ class BundleEndpoint:
         self._document = document
         self._crls_pem = crls_pem
         self._server: asyncio.Server | None = None
-        self._front = _base_context()
-        self._front.sni_callback = self._switch
+        self._front: ssl.SSLContext = switching_server_context(lambda: self._current, verify_mode=ssl.CERT_NONE)
         self.port = 0
-
-    def _switch(self, tls: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> int | None:
-        tls.context = self._current
-        return None
 
     def set_context(self, context: ssl.SSLContext) -> None:
         """New connections present this certificate from now on."""

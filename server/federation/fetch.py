@@ -20,15 +20,16 @@ import http.client
 import ssl
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from tessera.sdk.bundle import SpiffeBundle
+from tessera.sdk.bundle import BundleSet, SpiffeBundle
 from tessera.sdk.errors import TesseraError
+from tessera.sdk.peer import PeerAuthorizationError, presented_chain, verify_peer
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
-from tessera.sdk.verify import verify_x509_svid
+from tessera.sdk.tls import authorize_id
+from tessera.sdk.tlscontext import build_context
 from tessera.server.errors import ServerError
 
 PROFILES = ("https_web", "https_spiffe")
@@ -117,34 +118,26 @@ def _uri_trust_domains(cert: x509.Certificate) -> set[str]:
     return names
 
 
+def web_client_context(extra_roots: tuple[Path, ...] = ()) -> ssl.SSLContext:
+    """The client context for ``https_web`` endpoints: system roots plus the configured extra roots, host name
+    checked, RFC 5280 rules applied strictly (as Python 3.13's default contexts do)."""
+    return build_context(False, system_roots=True, root_files=extra_roots, check_hostname=True, strict=True)
+
+
 def _spiffe_context(bundle: SpiffeBundle) -> ssl.SSLContext:
     if not bundle.x509_authorities:
         raise FetchError("https_spiffe: the bundle held for the endpoint's trust domain has no X.509 authority")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False  # the name checked is the SPIFFE ID, right after the handshake
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=b"".join(c.public_bytes(Encoding.DER) for c in bundle.x509_authorities))
-    return ctx
+    # No host name check: the name checked is the SPIFFE ID, right after the handshake.
+    return build_context(False, roots=bundle.x509_authorities)
 
 
-def _check_spiffe_peer(sock: Any, endpoint: Endpoint, bundle: SpiffeBundle) -> None:
-    der = sock.getpeercert(binary_form=True)
-    if not der:
-        raise FetchError("https_spiffe: the endpoint presented no certificate")
-    chain_der = sock._sslobj.get_unverified_chain() or []
-    chain = [
-        x509.load_der_x509_certificate(c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
-        for c in chain_der
-    ] or [x509.load_der_x509_certificate(der)]
+def _check_spiffe_peer(sock: ssl.SSLSocket, endpoint: Endpoint, bundle: SpiffeBundle) -> None:
+    """The endpoint's chain through the SDK's one peer verifier, against the held bundle alone."""
+    assert endpoint.endpoint_id is not None
     try:
-        peer, _ = verify_x509_svid(chain, bundle.x509_bundle())
-    except TesseraError as exc:
-        raise FetchError(
-            f"https_spiffe: the endpoint's certificate is not a valid X509-SVID of {endpoint.trust_domain}: {exc}"
-        ) from None
-    if peer != endpoint.endpoint_id:
-        raise FetchError(f"https_spiffe: the endpoint presented {peer}, expected {endpoint.endpoint_id}")
+        verify_peer(presented_chain(sock), BundleSet([bundle.x509_bundle()]), authorize_id(endpoint.endpoint_id))
+    except PeerAuthorizationError as exc:
+        raise FetchError(f"https_spiffe: the endpoint's certificate was refused: {exc}") from None
 
 
 def fetch_bundle(
@@ -169,7 +162,7 @@ def fetch_bundle(
             raise FetchError("https_spiffe: no bundle is held for the endpoint's trust domain; give a bootstrap bundle")
         context = _spiffe_context(current)
     else:
-        context = web_context or ssl.create_default_context()
+        context = web_context or web_client_context()
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
         try:

@@ -16,14 +16,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.errors import TesseraError
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.server.datastore.base import Datastore, FederationRelationship
 from tessera.server.errors import NotFound
-from tessera.server.federation.fetch import Endpoint, FetchError, check_endpoint, fetch_bundle
+from tessera.server.federation.fetch import Endpoint, FetchError, check_endpoint, fetch_bundle, web_client_context
 
 log = logging.getLogger("tessera.server.federation")
 
@@ -39,14 +38,6 @@ POLL_INTERVAL = 1.0
 def refresh_interval(bundle: SpiffeBundle | None, default: int = DEFAULT_REFRESH_HINT) -> int:
     hint = bundle.refresh_hint if bundle is not None and bundle.refresh_hint else default
     return max(MIN_REFRESH, min(int(hint), MAX_REFRESH))
-
-
-def web_client_context(extra_roots: tuple[Path, ...] = ()) -> ssl.SSLContext:
-    """The client context for ``https_web`` endpoints: system roots plus the configured extra roots."""
-    ctx = ssl.create_default_context()
-    for path in extra_roots:
-        ctx.load_verify_locations(cafile=str(path))
-    return ctx
 
 
 class FederationRefresher:
