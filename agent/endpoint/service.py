@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,9 +27,9 @@ from tessera.agent.cache import CachedJwt, EntryRecord, WorkloadCache
 from tessera.agent.endpoint.holders import ConnectionGuard
 from tessera.agent.endpoint.relay import PeerRegistry
 from tessera.agent.errors import AgentError, AttestationError, CallerRefused
-from tessera.agent.jwtvalidate import JwtValidationError, validate_jwt_svid
 from tessera.proto import workload_pb2 as wpb
-from tessera.sdk.errors import SpiffeIdError
+from tessera.sdk.errors import SpiffeIdError, SvidError, VerificationError
+from tessera.sdk.jwtsvid import JwtSvid
 from tessera.sdk.spiffeid import SpiffeId
 from tessera.sdk.workloadapi.wire import SECURITY_HEADER_KEY, SECURITY_HEADER_VALUE
 
@@ -40,6 +41,7 @@ JwtMinter = Callable[[EntryRecord, Sequence[str]], Awaitable[CachedJwt]]
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_BYTES = 1024
 """The server's limits on a JWT-SVID's audience (node API MintJWTSVID), checked before asking it."""
+
 
 class WorkloadApiServicer:
     def __init__(
@@ -125,9 +127,7 @@ class WorkloadApiServicer:
                     await self._abort(context, grpc.StatusCode.UNAVAILABLE, "agent is shutting down")
                 ent = cache.entitlement(selectors)
                 if not ent.has_identity:
-                    await self._abort(
-                        context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued to this workload"
-                    )
+                    await self._abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued to this workload")
                 message = getattr(ent, kind)
                 if kind == "x509":
                     if message is None:
@@ -215,9 +215,10 @@ class WorkloadApiServicer:
         if not request.svid:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid is required")
         try:
-            spiffe_id, claims = validate_jwt_svid(request.svid, request.audience, self.cache.bundles)
-        except JwtValidationError as exc:
+            now = dt.datetime.fromtimestamp(self.cache.now(), dt.UTC)
+            svid = JwtSvid.parse_and_validate(request.svid, self.cache.jwt_bundles, request.audience, now=now)
+        except (SvidError, VerificationError) as exc:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         struct = struct_pb2.Struct()
-        struct.update(claims)
-        return wpb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id, claims=struct)
+        struct.update(svid.claims)
+        return wpb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=struct)
