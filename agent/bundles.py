@@ -12,14 +12,10 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tessera.agent.errors import AgentError
+from tessera.agent.errors import BundleDocumentError
 from tessera.sdk.bundle import JwtBundle, SpiffeBundle
 from tessera.sdk.errors import TesseraError
 from tessera.sdk.spiffeid import TrustDomain
-
-
-class BundleDocumentError(AgentError):
-    """A SPIFFE bundle document from the server could not be used."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.agent.daemon import SETTINGS, AgentSettings, run_agent
-from tessera.agent.errors import AgentError
+from tessera.agent.errors import CliError
 from tessera.proto import workload_pb2 as wpb
-from tessera.sdk.config import ConfigError, add_arguments, load_settings
+from tessera.sdk.config import add_arguments, load_settings
 from tessera.sdk.errors import TesseraError
 from tessera.sdk.files import PRIVATE_DIR_MODE, ensure_owned_dir, write_atomic
 from tessera.sdk.logs import setup_logging
@@ -34,10 +34,6 @@ from tessera.sdk.workloadapi.wire import (
     client_socket_path,
     endpoint_to_target,
 )
-
-
-class CliError(Exception):
-    """One line for stderr, then exit 1."""
 
 
 def _target(socket: str | None) -> str:
@@ -266,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except KeyboardInterrupt:
         return 130
-    except (CliError, ConfigError, AgentError, TesseraError, OSError, ValueError) as exc:
+    except (TesseraError, OSError, ValueError) as exc:  # CliError, ConfigError and AgentError among them
         print(f"tessera-agent: {exc}", file=sys.stderr)
         return 1
 

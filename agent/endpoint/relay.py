@@ -40,7 +40,7 @@ from tessera._daemon.ratelog import RateLimitedLog
 from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.agent.attestors.process import PeerCredentials, ProcessInfo, process_for
 from tessera.agent.endpoint.holders import ConnectionGuard
-from tessera.agent.errors import AgentError, AttestationError
+from tessera.agent.errors import AgentError, WorkloadAttestationError
 from tessera.agent.limits import (
     DEFAULT_FIRST_REQUEST_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_CALLER,
@@ -165,7 +165,7 @@ class _PublicSide(asyncio.Protocol):
             pipe.idle_timer = asyncio.get_running_loop().call_later(pipe.relay.first_request_timeout, pipe.idle_timeout)
         try:
             pipe.process = capture_caller(sock, pipe.relay.proc_root)
-        except (OSError, AttestationError) as exc:
+        except (OSError, WorkloadAttestationError) as exc:
             # The caller vanished (or exec'd) before we could look at it; nothing to serve.
             pipe.relay.ratelog.info("dropping connection: %s", exc)
             pipe.close()
