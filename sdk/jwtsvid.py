@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tessera.sdk.bundle import BundleSet, JwtBundle
+from tessera.sdk.bundle import BundleSet, JwtBundle, bundle_for
 from tessera.sdk.errors import SpiffeIdError, SvidError, VerificationError
 from tessera.sdk.keys import PrivateKey, PublicKey
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
@@ -144,7 +144,7 @@ class JwtSvid:
         header = _check_header(token)
         unverified = cls._from_claims(token, _decode(token, key=None, algorithm=None), hint)
         td = unverified.spiffe_id.trust_domain
-        bundle = _bundle_for(jwt_bundles, td)
+        bundle = bundle_for(jwt_bundles, td, "JWT")
         key = bundle.get(header["kid"])
         if key is None:
             raise VerificationError(f"JWT-SVID key ID {header['kid']!r} is not in the JWT bundle of trust domain {td}")
@@ -270,24 +270,6 @@ def _check_key_matches_alg(key: PublicKey, alg: str) -> None:
         ok = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _ES_CURVES.get(alg)
     if not ok:
         raise VerificationError(f"JWT-SVID algorithm {alg} does not match the type of the key named by its 'kid'")
-
-
-def _bundle_for(bundles: JwtBundleSource, td: TrustDomain) -> JwtBundle:
-    if isinstance(bundles, JwtBundle):
-        if bundles.trust_domain != td:
-            raise VerificationError(
-                f"no JWT bundle for trust domain {td}: the only bundle given is for {bundles.trust_domain}"
-            )
-        bundle: JwtBundle | None = bundles
-    elif isinstance(bundles, BundleSet):
-        bundle = bundles.get(td)
-    else:
-        bundle = bundles(td)
-    if bundle is None:
-        raise VerificationError(f"no JWT bundle for trust domain {td} (unknown trust domain)")
-    if bundle.trust_domain != td:
-        raise VerificationError(f"bundle source returned the JWT bundle of {bundle.trust_domain} for {td}")
-    return bundle
 
 
 def algorithm_for_key(private_key: PrivateKey | PublicKey) -> str:
