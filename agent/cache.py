@@ -24,6 +24,7 @@ from tessera.agent.bundles import TrustBundle
 from tessera.agent.rotation import jwt_reusable_until, rotate_at
 from tessera.proto import node_pb2
 from tessera.proto import workload_pb2 as wpb
+from tessera.sdk.bundle import BundleSet, JwtBundle
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +49,7 @@ class EntryRecord:
             spiffe_id=entry.spiffe_id,
             selectors=frozenset(f"{s.type}:{s.value}" for s in entry.selectors),
             hint=entry.hint,
-            federates_with=tuple(
-                td if td.startswith("spiffe://") else f"spiffe://{td}" for td in entry.federates_with
-            ),
+            federates_with=tuple(td if td.startswith("spiffe://") else f"spiffe://{td}" for td in entry.federates_with),
             x509_svid_ttl=entry.x509_svid_ttl,
             jwt_svid_ttl=entry.jwt_svid_ttl,
             dns_names=tuple(entry.dns_names),
@@ -119,6 +118,7 @@ class WorkloadCache:
         self.svids: OrderedDict[str, CachedSvid] = OrderedDict()  # LRU order: least recently served first
         self.jwts: dict[tuple[str, frozenset[str]], CachedJwt] = {}
         self.bundles: dict[str, TrustBundle] = {}
+        self.jwt_bundles: BundleSet[JwtBundle] = BundleSet()  # the same bundles' JWT authorities, by trust domain
         self.crls: tuple[bytes, ...] = ()
         self.version = 0
         self.ready = False  # set once a first sync has been applied
@@ -168,6 +168,7 @@ class WorkloadCache:
 
     def set_bundles(self, bundles: Mapping[str, TrustBundle], crls: Sequence[bytes] = ()) -> None:
         self.bundles = dict(bundles)
+        self.jwt_bundles = BundleSet(b.jwt_bundle for b in self.bundles.values())
         self.crls = tuple(crls)
         self._bump()
 
@@ -208,8 +209,15 @@ class WorkloadCache:
             svid = self.svids[k]
             # keep serving it until the replacement arrives, but rotate now
             self.svids[k] = CachedSvid(
-                svid.entry_id, svid.spiffe_id, svid.chain_der, svid.key_der, svid.not_before, svid.not_after,
-                rotate_at=0.0, signing_inputs=svid.signing_inputs, authority_key_id=svid.authority_key_id,
+                svid.entry_id,
+                svid.spiffe_id,
+                svid.chain_der,
+                svid.key_der,
+                svid.not_before,
+                svid.not_after,
+                rotate_at=0.0,
+                signing_inputs=svid.signing_inputs,
+                authority_key_id=svid.authority_key_id,
             )
         return len(victims)
 
@@ -384,8 +392,9 @@ class WorkloadCache:
                 del self.jwts[next(iter(self.jwts))]
         self.jwts[(entry_id, audience)] = jwt
 
-    def jwt_keys(self) -> dict[str, TrustBundle]:
-        return dict(self.bundles)
+    def now(self) -> float:
+        """The cache's clock (seconds since the epoch): what JWT-SVIDs are validated against, as they are cached."""
+        return self._clock()
 
 
 def _selector_types(entries: Iterable[EntryRecord]) -> frozenset[str]:

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.agent.daemon import SETTINGS, AgentSettings, run_agent
-from tessera.agent.errors import AgentError
+from tessera.agent.errors import CliError
 from tessera.proto import workload_pb2 as wpb
-from tessera.sdk.config import ConfigError, add_arguments, load_settings
+from tessera.sdk.config import add_arguments, load_settings
 from tessera.sdk.errors import TesseraError
 from tessera.sdk.files import PRIVATE_DIR_MODE, ensure_owned_dir, write_atomic
 from tessera.sdk.logs import setup_logging
@@ -34,10 +34,6 @@ from tessera.sdk.workloadapi.wire import (
     client_socket_path,
     endpoint_to_target,
 )
-
-
-class CliError(Exception):
-    """One line for stderr, then exit 1."""
 
 
 def _target(socket: str | None) -> str:
@@ -54,6 +50,22 @@ def _rpc_error(exc: grpc.RpcError, target: str) -> CliError:
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
         return CliError(f"cannot reach the agent at {target}: is tessera-agent running? ({details})")
     return CliError(f"{code.name}: {details}")
+
+
+def _ask(target: str, call: Callable[[Any], Any]) -> Any:
+    """``call(stub)`` on a channel to the agent: one answer, or the CliError that says what went wrong."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return call(WorkloadApiStub(channel))
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, target) from None
+
+
+def _first_x509(stub: Any, timeout: float) -> Any:
+    call = stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=timeout)
+    response = next(iter(call))
+    call.cancel()
+    return response
 
 
 def _iso(value: dt.datetime) -> str:
@@ -114,14 +126,7 @@ def cmd_fetch_x509(args: argparse.Namespace) -> int:
         # Made 0700 whatever the umask, or checked to be ours and writable by us alone, before any key is
         # fetched: a directory another user controls could hand our key files to them.
         ensure_owned_dir(args.write, PRIVATE_DIR_MODE)
-    with grpc.insecure_channel(target) as channel:
-        stub = WorkloadApiStub(channel)
-        try:
-            call = stub.FetchX509SVID(wpb.X509SVIDRequest(), metadata=SECURITY_METADATA, timeout=args.timeout)
-            response = next(iter(call))
-            call.cancel()
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, target) from None
+    response = _ask(target, lambda stub: _first_x509(stub, args.timeout))
     if args.write:
         _write_x509(response, args.write)
     _print_x509(response, args.output)
@@ -130,16 +135,8 @@ def cmd_fetch_x509(args: argparse.Namespace) -> int:
 
 def cmd_fetch_jwt(args: argparse.Namespace) -> int:
     target = _target(args.socket)
-    with grpc.insecure_channel(target) as channel:
-        stub = WorkloadApiStub(channel)
-        try:
-            response = stub.FetchJWTSVID(
-                wpb.JWTSVIDRequest(audience=args.audience, spiffe_id=args.spiffe_id or ""),
-                metadata=SECURITY_METADATA,
-                timeout=args.timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, target) from None
+    request = wpb.JWTSVIDRequest(audience=args.audience, spiffe_id=args.spiffe_id or "")
+    response = _ask(target, lambda stub: stub.FetchJWTSVID(request, metadata=SECURITY_METADATA, timeout=args.timeout))
     if args.output == "json":
         print(json.dumps([{"spiffe_id": s.spiffe_id, "hint": s.hint, "token": s.svid} for s in response.svids]))
         return 0
@@ -151,16 +148,10 @@ def cmd_fetch_jwt(args: argparse.Namespace) -> int:
 
 def cmd_validate_jwt(args: argparse.Namespace) -> int:
     target = _target(args.socket)
-    with grpc.insecure_channel(target) as channel:
-        stub = WorkloadApiStub(channel)
-        try:
-            response = stub.ValidateJWTSVID(
-                wpb.ValidateJWTSVIDRequest(audience=args.audience, svid=args.svid),
-                metadata=SECURITY_METADATA,
-                timeout=args.timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, target) from None
+    request = wpb.ValidateJWTSVIDRequest(audience=args.audience, svid=args.svid)
+    response = _ask(
+        target, lambda stub: stub.ValidateJWTSVID(request, metadata=SECURITY_METADATA, timeout=args.timeout)
+    )
     claims = json_format.MessageToDict(response.claims)
     print("SVID is valid.")
     print(f"SPIFFE ID : {response.spiffe_id}")
@@ -266,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except KeyboardInterrupt:
         return 130
-    except (CliError, ConfigError, AgentError, TesseraError, OSError, ValueError) as exc:
+    except (TesseraError, OSError, ValueError) as exc:  # CliError, ConfigError and AgentError among them
         print(f"tessera-agent: {exc}", file=sys.stderr)
         return 1
 

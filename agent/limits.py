@@ -16,19 +16,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+from tessera.agent.errors import StreamLimitExceeded
+
 DEFAULT_MAX_STREAMS_PER_CALLER = 1024
 DEFAULT_MAX_CONNECTIONS_PER_CALLER = 512
 """Connections one uid may hold open: far above what a workload host's processes of one user hold (an SDK
 source holds one, a pool of gRPC channels a few each), far below the agent's descriptor limit."""
 DEFAULT_FIRST_REQUEST_TIMEOUT = 10.0
 """A connection that sends nothing this long after it was accepted is closed."""
-
-
-class StreamLimitExceeded(Exception):
-    def __init__(self, key: Hashable, limit: int, what: str = "open Workload API streams") -> None:
-        super().__init__(f"caller {key} already holds {limit} {what} (the per-caller limit)")
-        self.key = key
-        self.limit = limit
 
 
 class ConcurrencyLimiter:

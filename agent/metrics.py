@@ -26,6 +26,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from tessera.agent.endpoint.holders import CLOSED, NOT_HELD, SHARED_PREFIX
+from tessera.agent.endpoint.status import WORKLOAD_API_STATUS
 from tessera.agent.limits import ConcurrencyLimiter, StreamLimitExceeded
 from tessera.sdk.grpc import rewrap_handler
 from tessera.sdk.metrics import MetricsListener
@@ -212,7 +213,7 @@ class WorkloadApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     except StreamLimitExceeded as exc:
                         if self._metrics is not None:
                             self._metrics.stream_limit_refusals.inc()
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                        await WORKLOAD_API_STATUS.abort(context, exc, method)  # RESOURCE_EXHAUSTED
                 if self._metrics is not None:
                     self._metrics.streams_open.labels(method).inc()
                 first = True

@@ -242,7 +242,6 @@ class NodeClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._current = 0
         self._renew_at = 0.0
-        self.last_contact = 0.0
 
     # -- trust -----------------------------------------------------------------------------------------
 
@@ -314,7 +313,6 @@ class NodeClient:
             if index != self._current:
                 log.info("switched to server %s", address)
                 self._current = index
-            self.last_contact = self._clock()
             return result
         raise ServerUnavailableError("no server reachable: " + "; ".join(errors))
 

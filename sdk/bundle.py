@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tessera.sdk.errors import BundleError, SpiffeIdError, SvidError
+from tessera.sdk.errors import BundleError, SpiffeIdError, SvidError, VerificationError
 from tessera.sdk.keys import PublicKey, as_public_key, public_key_der, public_keys_equal
 from tessera.sdk.spiffeid import TrustDomain
 from tessera.sdk.svid import certificates_to_der, certificates_to_pem, parse_der_certificates, parse_pem_certificates
@@ -481,3 +481,26 @@ class BundleSet(Mapping[TrustDomain, B], Generic[B]):
 
     def __repr__(self) -> str:
         return f"BundleSet({sorted(td.name for td in self._bundles)!r})"
+
+
+def bundle_for(source: BundleSet[B] | B | Callable[[TrustDomain], B | None], trust_domain: TrustDomain, kind: str) -> B:
+    """The ``kind`` ("X.509", "JWT") bundle of ``trust_domain`` from what a verifier was given: a set, one bundle, or a
+    ``trust domain -> bundle`` callable. Never another domain's: a CA or key trusted for one trust domain must not
+    vouch for an identity of another, whatever a custom source returns."""
+    if isinstance(source, X509Bundle | JwtBundle):
+        if source.trust_domain != trust_domain:
+            raise VerificationError(
+                f"no {kind} bundle for trust domain {trust_domain}: the only bundle given is for {source.trust_domain}"
+            )
+        bundle: B | None = source
+    elif isinstance(source, BundleSet):
+        bundle = source.get(trust_domain)
+    else:
+        bundle = source(trust_domain)
+    if bundle is None:
+        raise VerificationError(f"no {kind} bundle for trust domain {trust_domain} (unknown trust domain)")
+    if bundle.trust_domain != trust_domain:
+        raise VerificationError(
+            f"bundle source returned the bundle of {bundle.trust_domain} for trust domain {trust_domain}"
+        )
+    return bundle

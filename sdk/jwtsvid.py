@@ -2,9 +2,13 @@
 
 Validation is deliberately narrower than what PyJWT accepts: only the asymmetric algorithms the JWT-SVID
 standard allows (so ``none`` and HMAC with a public key as the secret can never be selected by an
-attacker), a mandatory ``kid`` naming a key of the *subject's own* trust domain, ``typ`` JWT/JOSE when
-present, every expected audience present in ``aud``, and ``exp`` checked against an injectable clock
-with a small leeway.
+attacker), an algorithm that fits the type of the key it names, a mandatory ``kid`` naming a key of the
+*subject's own* trust domain, ``typ`` JWT/JOSE when present, no ``crit`` extension, every expected audience
+present in ``aud``, and ``exp``, ``nbf`` and ``iat`` checked against an injectable clock with a small leeway.
+
+This is the one JWT-SVID validator: the agent's ValidateJWTSVID calls it too (a second copy in the agent had
+drifted weaker), so a rule added here protects both, and tests/support/hostile_jwts.py runs one table of
+hostile tokens against both.
 
 Errors: a token that is not a well-formed JWT-SVID raises :class:`SvidError`; a well-formed one that does
 not validate (signature, unknown key or trust domain, audience, expiry) raises :class:`VerificationError`.
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tessera.sdk.bundle import BundleSet, JwtBundle
+from tessera.sdk.bundle import BundleSet, JwtBundle, bundle_for
 from tessera.sdk.errors import SpiffeIdError, SvidError, VerificationError
 from tessera.sdk.keys import PrivateKey, PublicKey
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
@@ -30,8 +36,14 @@ ALLOWED_ALGORITHMS: frozenset[str] = frozenset(
     {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
 )
 ALLOWED_TYPES = frozenset({"JWT", "JOSE"})
-#: Tolerance for clock skew on ``exp`` / ``nbf``: small, because JWT-SVIDs live only minutes.
+#: Tolerance for clock skew on ``exp`` / ``nbf`` / ``iat``: small, because JWT-SVIDs live only minutes.
 DEFAULT_LEEWAY = dt.timedelta(seconds=10)
+#: The longest token looked at. Tessera's own are under 30 KiB even at the server's limits (16 audiences of 1 KiB,
+#: a 2 KiB SPIFFE ID, an RSA-4096 signature); anything far longer is an attempt to make the validator work.
+MAX_TOKEN_LENGTH = 64 * 1024
+#: RFC 7515 compact serialization: three unpadded base64url parts (header, payload, signature). An empty signature
+#: fits the shape so that an unsigned ``alg: none`` token is told about its algorithm; it is refused after the header.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 JwtBundleSource = BundleSet[JwtBundle] | JwtBundle | Callable[[TrustDomain], JwtBundle | None]
 
@@ -52,6 +64,8 @@ def _utc(value: dt.datetime | None) -> dt.datetime:
 
 
 def _numeric(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
+    """A time claim as seconds since the epoch, refused unless it is a number a datetime can hold: comparing or
+    converting a huge one later must never fail with anything but :class:`SvidError`."""
     value = claims.get(name)
     if value is None:
         if required:
@@ -59,6 +73,12 @@ def _numeric(claims: Mapping[str, Any], name: str, required: bool) -> float | No
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SvidError(f"JWT-SVID claim {name!r} must be a number (seconds since the epoch)")
+    try:
+        if not math.isfinite(value):
+            raise ValueError(value)
+        dt.datetime.fromtimestamp(value, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise SvidError(f"JWT-SVID {name!r} claim is out of range") from None
     return float(value)
 
 
@@ -124,7 +144,7 @@ class JwtSvid:
         header = _check_header(token)
         unverified = cls._from_claims(token, _decode(token, key=None, algorithm=None), hint)
         td = unverified.spiffe_id.trust_domain
-        bundle = _bundle_for(jwt_bundles, td)
+        bundle = bundle_for(jwt_bundles, td, "JWT")
         key = bundle.get(header["kid"])
         if key is None:
             raise VerificationError(f"JWT-SVID key ID {header['kid']!r} is not in the JWT bundle of trust domain {td}")
@@ -156,10 +176,9 @@ class JwtSvid:
         assert exp is not None
         _numeric(claims, "nbf", required=False)
         _numeric(claims, "iat", required=False)
-        try:
-            expires_at = dt.datetime.fromtimestamp(exp, dt.UTC)
-        except (OverflowError, OSError, ValueError):
-            raise SvidError("JWT-SVID 'exp' claim is out of range") from None
+        if "jti" in claims and not isinstance(claims["jti"], str):
+            raise SvidError("JWT-SVID claim 'jti' must be a string")
+        expires_at = dt.datetime.fromtimestamp(exp, dt.UTC)
         return cls(spiffe_id, audience, expires_at, token, dict(claims), hint)
 
     def _check_audience_and_time(self, expected: tuple[str, ...], now: dt.datetime, leeway: dt.timedelta) -> None:
@@ -173,13 +192,23 @@ class JwtSvid:
         nbf = _numeric(self.claims, "nbf", required=False)
         if nbf is not None and now + leeway < dt.datetime.fromtimestamp(nbf, dt.UTC):
             raise VerificationError("JWT-SVID is not yet valid (nbf is in the future)")
+        iat = _numeric(self.claims, "iat", required=False)
+        if iat is not None and now + leeway < dt.datetime.fromtimestamp(iat, dt.UTC):
+            # As go-spiffe (go-jose) and PyJWT: a token from the future means a wrong clock here or at the issuer.
+            raise VerificationError(
+                "JWT-SVID was issued in the future (iat is after now): check the clocks of the issuer and this host"
+            )
 
 
 def _check_header(token: str) -> dict[str, Any]:
     if not isinstance(token, str) or not token:
         raise SvidError("JWT-SVID token is empty")
-    if token.count(".") != 2:
-        raise SvidError("JWT-SVID is not a compact JWS (expected three dot-separated parts)")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise SvidError(f"JWT-SVID is {len(token)} characters long, above the limit of {MAX_TOKEN_LENGTH}")
+    if not _COMPACT_JWS.fullmatch(token):
+        raise SvidError(
+            "JWT-SVID is not a compact JWS (expected three base64url parts separated by dots: header.payload.signature)"
+        )
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
@@ -196,6 +225,8 @@ def _check_header(token: str) -> dict[str, Any]:
     crit = header.get("crit")
     if crit is not None:
         raise SvidError(f"JWT-SVID header has critical extensions {crit!r} this validator does not understand")
+    if token.endswith("."):
+        raise SvidError("JWT-SVID has no signature (its third part is empty)")
     return header
 
 
@@ -239,24 +270,6 @@ def _check_key_matches_alg(key: PublicKey, alg: str) -> None:
         ok = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _ES_CURVES.get(alg)
     if not ok:
         raise VerificationError(f"JWT-SVID algorithm {alg} does not match the type of the key named by its 'kid'")
-
-
-def _bundle_for(bundles: JwtBundleSource, td: TrustDomain) -> JwtBundle:
-    if isinstance(bundles, JwtBundle):
-        if bundles.trust_domain != td:
-            raise VerificationError(
-                f"no JWT bundle for trust domain {td}: the only bundle given is for {bundles.trust_domain}"
-            )
-        bundle: JwtBundle | None = bundles
-    elif isinstance(bundles, BundleSet):
-        bundle = bundles.get(td)
-    else:
-        bundle = bundles(td)
-    if bundle is None:
-        raise VerificationError(f"no JWT bundle for trust domain {td} (unknown trust domain)")
-    if bundle.trust_domain != td:
-        raise VerificationError(f"bundle source returned the JWT bundle of {bundle.trust_domain} for {td}")
-    return bundle
 
 
 def algorithm_for_key(private_key: PrivateKey | PublicKey) -> str:

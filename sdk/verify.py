@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from cryptography import x509
 from cryptography.x509 import verification as xv
 
-from tessera.sdk.bundle import BundleSet, X509Bundle
+from tessera.sdk.bundle import BundleSet, X509Bundle, bundle_for
 from tessera.sdk.errors import VerificationError
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.x509profile import check_parseable, check_signing_certificate, check_x509_svid_leaf
@@ -54,22 +54,7 @@ _CA_POLICY, _EE_POLICY = _policies()
 
 
 def _bundle_for(bundles: BundleSource, trust_domain: TrustDomain) -> X509Bundle:
-    if isinstance(bundles, X509Bundle):
-        if bundles.trust_domain != trust_domain:
-            raise VerificationError(
-                f"no X.509 bundle for trust domain {trust_domain}: the only bundle given is for {bundles.trust_domain}"
-            )
-        bundle: X509Bundle | None = bundles
-    elif isinstance(bundles, BundleSet):
-        bundle = bundles.get(trust_domain)
-    else:
-        bundle = bundles(trust_domain)
-    if bundle is None:
-        raise VerificationError(f"no X.509 bundle for trust domain {trust_domain} (unknown trust domain)")
-    if bundle.trust_domain != trust_domain:
-        raise VerificationError(
-            f"bundle source returned the bundle of {bundle.trust_domain} for trust domain {trust_domain}"
-        )
+    bundle = bundle_for(bundles, trust_domain, "X.509")
     if not bundle.authorities:
         raise VerificationError(f"the X.509 bundle for trust domain {trust_domain} has no authorities")
     return bundle

@@ -25,7 +25,7 @@ class WorkloadAttestor(Protocol):
     name: str
 
     async def attest(self, process: ProcessInfo) -> Sequence[str]:
-        """Selectors (``type:value``) for the process; may raise AttestationError (CallerRefused)."""
+        """Selectors (``type:value``) for the process; may raise WorkloadAttestationError (CallerRefused)."""
         ...
 
 

@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass
 
 from tessera.agent.attestors.procfs import parse_stat_start_time, parse_stat_state, parse_status
-from tessera.agent.errors import AttestationError, CallerRefused
+from tessera.agent.errors import CallerRefused, WorkloadAttestationError
 
 EXITED = "the process that connected has exited"
 EXECED = "the process that connected has exec'd a different program since"
@@ -75,9 +75,9 @@ def read_start_time(pid: int, proc_root: str = "/proc") -> int:
     try:
         return parse_stat_start_time(_read(f"{proc_root}/{pid}/stat").decode(errors="replace"))
     except (FileNotFoundError, ProcessLookupError) as exc:
-        raise AttestationError(f"process {pid} has exited") from exc
+        raise WorkloadAttestationError(f"process {pid} has exited") from exc
     except (OSError, ValueError) as exc:
-        raise AttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
+        raise WorkloadAttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
 
 
 def _start_time(pid: int, proc_root: str) -> int:
@@ -88,7 +88,7 @@ def _start_time(pid: int, proc_root: str) -> int:
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise CallerRefused(EXITED) from exc
     except (OSError, ValueError) as exc:
-        raise AttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
+        raise WorkloadAttestationError(f"cannot read /proc/{pid}/stat: {exc}") from exc
     if state in ("Z", "X", "x"):
         raise CallerRefused(EXITED)
     return start
@@ -146,7 +146,7 @@ def process_for(
     refused.
     """
     if creds.pid <= 0:
-        raise AttestationError("peer credentials carry no pid (peer in another PID namespace?)")
+        raise WorkloadAttestationError("peer credentials carry no pid (peer in another PID namespace?)")
     for _ in range(_CAPTURE_ATTEMPTS):
         process = _capture(creds, proc_root, socket_inode)
         if process is not None:

@@ -26,6 +26,7 @@ minute). So:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -40,7 +41,7 @@ from tessera._daemon.ratelog import RateLimitedLog
 from tessera._daemon.sockets import PUBLIC_DIR_MODE, PUBLIC_SOCKET_MODE, ClaimedSocket, claim_socket
 from tessera.agent.attestors.process import PeerCredentials, ProcessInfo, process_for
 from tessera.agent.endpoint.holders import ConnectionGuard
-from tessera.agent.errors import AgentError, AttestationError
+from tessera.agent.errors import AgentError, WorkloadAttestationError
 from tessera.agent.limits import (
     DEFAULT_FIRST_REQUEST_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_CALLER,
@@ -148,7 +149,35 @@ class _Pipe:
             self.close()
 
 
-class _PublicSide(asyncio.Protocol):
+class _Side(asyncio.Protocol, abc.ABC):
+    """What both ends of a pipe do alike: an EOF or a loss on either end closes the whole pipe (both sides, the
+    bound path, the uid's count), and an end that cannot keep up pauses reading from the other one."""
+
+    pipe: _Pipe
+
+    @abc.abstractmethod
+    def other_end(self) -> asyncio.Transport | None:
+        """The transport at the pipe's other end, once there is one."""
+
+    def eof_received(self) -> bool | None:
+        self.pipe.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe.close()
+
+    def pause_writing(self) -> None:
+        other = self.other_end()
+        if other is not None:
+            other.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.other_end()
+        if other is not None and not self.pipe.closed:
+            other.resume_reading()
+
+
+class _PublicSide(_Side):
     def __init__(self, relay: WorkloadRelay, caller_uid: int) -> None:
         self.pipe = _Pipe(relay, caller_uid)
 
@@ -165,7 +194,7 @@ class _PublicSide(asyncio.Protocol):
             pipe.idle_timer = asyncio.get_running_loop().call_later(pipe.relay.first_request_timeout, pipe.idle_timeout)
         try:
             pipe.process = capture_caller(sock, pipe.relay.proc_root)
-        except (OSError, AttestationError) as exc:
+        except (OSError, WorkloadAttestationError) as exc:
             # The caller vanished (or exec'd) before we could look at it; nothing to serve.
             pipe.relay.ratelog.info("dropping connection: %s", exc)
             pipe.close()
@@ -188,23 +217,11 @@ class _PublicSide(asyncio.Protocol):
             pipe.relay.tasks.add(task)
             task.add_done_callback(pipe.relay.tasks.discard)
 
-    def eof_received(self) -> bool | None:
-        self.pipe.close()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pipe.close()
-
-    def pause_writing(self) -> None:
-        if self.pipe.internal is not None:
-            self.pipe.internal.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.pipe.internal is not None and not self.pipe.closed:
-            self.pipe.internal.resume_reading()
+    def other_end(self) -> asyncio.Transport | None:
+        return self.pipe.internal
 
 
-class _InternalSide(asyncio.Protocol):
+class _InternalSide(_Side):
     def __init__(self, pipe: _Pipe) -> None:
         self.pipe = pipe
 
@@ -212,20 +229,8 @@ class _InternalSide(asyncio.Protocol):
         if self.pipe.public is not None:
             self.pipe.public.write(data)
 
-    def eof_received(self) -> bool | None:
-        self.pipe.close()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pipe.close()
-
-    def pause_writing(self) -> None:
-        if self.pipe.public is not None:
-            self.pipe.public.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.pipe.public is not None and not self.pipe.closed:
-            self.pipe.public.resume_reading()
+    def other_end(self) -> asyncio.Transport | None:
+        return self.pipe.public
 
 
 class WorkloadRelay:

@@ -25,7 +25,7 @@ from tessera.agent.attestors import (
 )
 from tessera.agent.attestors.digest import OversizeLog
 from tessera.agent.attestors.procfs import parse_cgroup, parse_stat_start_time, parse_stat_state, parse_status
-from tessera.agent.errors import AttestationError, CallerRefused
+from tessera.agent.errors import CallerRefused, WorkloadAttestationError
 
 CID = "3f2a9c8e1d7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a19"
 POD = "8b1f6c4e-2a3d-4e5f-9a8b-7c6d5e4f3a2b"
@@ -160,7 +160,7 @@ def test_every_call_refuses_a_process_that_exec_d_moved_or_exited(tmp_path: Path
     shutil.rmtree(fake.proc / "4242")
     with pytest.raises(CallerRefused, match="has exited"):
         check_unchanged(process, str(fake.proc))
-    with pytest.raises(AttestationError):
+    with pytest.raises(WorkloadAttestationError):
         process_for(PeerCredentials(pid=4242, uid=1000, gid=1000), str(fake.proc))
 
 
@@ -370,5 +370,5 @@ def test_real_child_process_selectors() -> None:
 
 
 def test_no_pid() -> None:
-    with pytest.raises(AttestationError):
+    with pytest.raises(WorkloadAttestationError):
         process_for(PeerCredentials(pid=0, uid=0, gid=0))

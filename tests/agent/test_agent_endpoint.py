@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import sys
@@ -25,7 +26,7 @@ from agent_testlib import (
     start_endpoint,
     stop_endpoint,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, load_der_private_key
+from cryptography.hazmat.primitives.serialization import load_der_private_key
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -184,13 +185,7 @@ def test_stream_pushes_rotation_bundle_change_and_ends_with_permission_denied() 
                 # bundle change (a new CA appears in the bundle)
                 ca2 = TestCA("example.org")
                 merged = bundle_of(ca)
-                merged = type(merged)(
-                    merged.trust_domain_id,
-                    (*merged.x509_authorities, ca2.certificate),
-                    merged.x509_der + ca2.certificate.public_bytes(Encoding.DER),
-                    merged.jwks,
-                    merged.jwt_keys,
-                )
+                merged = dataclasses.replace(merged, x509_authorities=(*merged.x509_authorities, ca2.certificate))
                 cache.set_bundles({merged.trust_domain_id: merged})
                 m3 = await stream.__anext__()
                 assert len(parse_der_certificates(m3.svids[0].bundle)) == 2

@@ -228,6 +228,24 @@ def test_not_yet_valid(ca: TestCA) -> None:
         validate(token, ca)
 
 
+def test_issued_in_the_future_refused_beyond_the_leeway_only(ca: TestCA) -> None:
+    """As PyJWT (which the agent's own copy used) and go-spiffe: an iat from the future means a wrong clock."""
+    inside = int((NOW + DEFAULT_LEEWAY).timestamp())
+    validate(forge({"alg": "ES256", "kid": ca.jwt_kid}, claims(iat=inside), ca.jwt_key), ca)
+    beyond = forge({"alg": "ES256", "kid": ca.jwt_kid}, claims(iat=inside + 1), ca.jwt_key)
+    with pytest.raises(VerificationError, match="issued in the future"):
+        validate(beyond, ca)
+
+
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [1e300, -1e300, 10**400])
+def test_time_claims_out_of_range_are_svid_errors(ca: TestCA, name: str, value: float) -> None:
+    """Never an OverflowError or a bare ValueError from the date conversion: callers catch SvidError."""
+    token = forge({"alg": "ES256", "kid": ca.jwt_kid}, claims(**{name: value}), ca.jwt_key)
+    with pytest.raises(SvidError, match=f"'{name}' claim is out of range"):
+        validate(token, ca)
+
+
 @pytest.mark.parametrize(
     ("sub", "message"),
     [
