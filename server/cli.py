@@ -25,13 +25,10 @@ from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2 as npb
 from tessera.sdk.config import ConfigError, add_arguments, parse_duration
 from tessera.server.config import SETTINGS, default_admin_socket
+from tessera.server.errors import CliError
 from tessera.server.federation import cli as federation_cli
 
 RPC_TIMEOUT = 30.0
-
-
-class CliError(Exception):
-    """A one-line failure reported to the operator."""
 
 
 def _fail(message: str) -> NoReturn:

@@ -8,6 +8,8 @@ of classes: each component adds the few it needs, and the class name says which 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from tessera.sdk.errors import TesseraError
 
 
@@ -48,6 +50,21 @@ class WeakKeyError(BadCsrError):
 
 class BadSigningRequestError(ServerError, ValueError):
     """A signing request names an invalid SPIFFE ID, TTL, DNS name or audience."""
+
+
+# --- node attestation (tessera.server.attestation) ------------------------------------------------------------
+
+Refusal = Literal["invalid_argument", "permission_denied", "unavailable"]
+
+
+class NodeAttestationError(ServerError):
+    """A node's attestation is refused. ``kind`` says which gRPC status the transport maps it to: a malformed
+    request is the caller's mistake (InvalidArgument); a refused proof is PermissionDenied. (Named apart from
+    the agent's error for a workload it cannot attest: the two are unrelated.)"""
+
+    def __init__(self, message: str, kind: Refusal = "permission_denied") -> None:
+        super().__init__(message)
+        self.kind: Refusal = kind
 
 
 # --- selectors and registration entries (tessera.server.selectors, tessera.server.entries) -----------------
@@ -94,3 +111,10 @@ class AgentBannedError(DatastoreError):
 
 class JoinTokenExpiredError(DatastoreError):
     """The join token existed but its lifetime had ended; it is deleted all the same."""
+
+
+# --- the admin command line (tessera.server.cli) ------------------------------------------------------------
+
+
+class CliError(ServerError):
+    """An admin command failed; the message is the one line the operator reads (exit status 1)."""

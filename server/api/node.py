@@ -31,11 +31,11 @@ from tessera.server.api.authority import Authority
 from tessera.server.api.convert import entry_to_proto, selectors_to_proto
 from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent, serial_hex
 from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found, status_for
-from tessera.server.attestation.base import AttestationError, NodeAttestor
+from tessera.server.attestation.base import NodeAttestor
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.revocation import authority_key_id, issued_svid
 from tessera.server.datastore.base import AttestedAgent, Datastore, IssuedSvid, RegistrationEntry
-from tessera.server.errors import BadCsrError, NotFound
+from tessera.server.errors import BadCsrError, NodeAttestationError, NotFound
 
 log = logging.getLogger("tessera.server.api.node")
 
@@ -232,9 +232,9 @@ class _StreamChannel:
         try:
             message = await asyncio.wait_for(self._context.read(), ATTEST_STEP_TIMEOUT)
         except TimeoutError:
-            raise AttestationError("no challenge response within the time allowed", "invalid_argument") from None
+            raise NodeAttestationError("no challenge response within the time allowed", "invalid_argument") from None
         if message is grpc.aio.EOF or not message.HasField("challenge_response"):
-            raise AttestationError("expected an AttestRequest.challenge_response", "invalid_argument")
+            raise NodeAttestationError("expected an AttestRequest.challenge_response", "invalid_argument")
         response: bytes = message.challenge_response
         return response
 
@@ -305,7 +305,7 @@ class NodeServicer(ngrpc.NodeServicer):
             await self._attest(context)
         except grpc.aio.AbortError:
             raise
-        except AttestationError as exc:
+        except NodeAttestationError as exc:
             log.info("attestation refused: %s", exc, extra={"peer": self._address(context)})
             await context.abort(_REFUSAL_CODES[exc.kind], str(exc))
         except Exception as exc:  # ApiError, datastore and CA errors: the one mapping every RPC uses

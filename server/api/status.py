@@ -22,8 +22,10 @@ log = logging.getLogger("tessera.server.api")
 R = TypeVar("R")
 
 
-class ApiError(Exception):
-    """An answer with a specific status code, raised inside servicer methods."""
+class ApiError(se.ServerError):
+    """An answer with a specific status code, raised inside servicer methods (the one server error that names
+    its status itself, so it lives here beside the table rather than in :mod:`tessera.server.errors`)."""
+
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
