@@ -29,6 +29,8 @@ from tessera.server.errors import CliError
 from tessera.server.federation import cli as federation_cli
 
 RPC_TIMEOUT = 30.0
+TRUST_ADMIN_RPC_TIMEOUT = 60.0
+"""Longer: ``federation refresh`` waits for a foreign bundle endpoint."""
 
 
 def _fail(message: str) -> NoReturn:
@@ -57,17 +59,28 @@ def _channel(socket_path: str) -> grpc.Channel:
     return grpc.insecure_channel(f"unix:{path}")
 
 
-def _call(socket_path: str, method: str, request: Any) -> Any:
+def _call(
+    socket_path: str, method: str, request: Any, stub: Any = agrpc.AdminStub, timeout: float = RPC_TIMEOUT
+) -> Any:
+    """One admin RPC (``stub``: the ``Admin`` service, or ``TrustAdmin``); every failure is one CliError line."""
     with _channel(socket_path) as channel:
-        stub = agrpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         try:
-            return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
+            return getattr(stub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or not details):
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                _fail(f"tessera-server on {socket_path} does not offer {method}")
+            # UNAVAILABLE is also the server's answer for a datastore that is down or a federated bundle that
+            # could not be refreshed; only a failure to connect means the server itself is out of reach.
+            unreachable = not details or ("connect" in details.lower() and "refresh" not in method.lower())
+            if code == grpc.StatusCode.UNAVAILABLE and unreachable:
                 _fail(f"cannot reach tessera-server on {socket_path}: {details}")
-            _fail(f"{code.name.lower()}: {exc.details()}")
+            _fail(f"{code.name.lower()}: {details}")
+
+
+def _call_trust_admin(socket_path: str, method: str, request: Any) -> Any:
+    return _call(socket_path, method, request, agrpc.TrustAdminStub, TRUST_ADMIN_RPC_TIMEOUT)
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -399,12 +412,24 @@ def cmd_bundle_delete(args: argparse.Namespace) -> None:
     _emit(args, {"deleted": args.id}, f"deleted bundle {args.id}")
 
 
-def _ca(method: str, request: Any) -> Callable[[argparse.Namespace], None]:
+def _ca(
+    method: str, request: Callable[[argparse.Namespace], Any], call: Callable[[str, str, Any], Any] = _call
+) -> Callable[[argparse.Namespace], None]:
+    """A ``ca`` command, printing every authority afterwards (taint and revoke travel in ``TrustAdmin``)."""
+
     def run(args: argparse.Namespace) -> None:
-        slots = _call(args.socket, method, request).slots
-        _emit(args, [slot_to_dict(s) for s in slots], _slots_text(slots))
+        response = call(args.socket, method, request(args))
+        text = _slots_text(response.slots)
+        pending = getattr(response, "pending_svids", 0)
+        if pending:
+            text += f"\n(revoked with {pending} SVIDs not yet re-issued)"
+        _emit(args, [slot_to_dict(s) for s in response.slots], text)
 
     return run
+
+
+def _authority_request(args: argparse.Namespace) -> apb.AuthorityRequest:
+    return apb.AuthorityRequest(kind=args.kind, key_id=args.id, force=getattr(args, "force", False))
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> None:
@@ -512,11 +537,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, metavar="spiffe://TD")
 
     ca = commands.add_parser("ca", help="the server CA").add_subparsers(dest="sub", required=True)
-    _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", apb.GetCARequest()))
-    _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", apb.PrepareCARequest()))
-    _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", apb.ActivateCARequest()))
-    # federation ..., ca taint|revoke, x509 revoke|revoked (the TrustAdmin service)
-    federation_cli.register(commands, ca, _admin_parser, _emit, _channel, CliError, slot_to_dict, _slots_text)
+    _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", lambda _: apb.GetCARequest()))
+    _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", lambda _: apb.PrepareCARequest()))
+    _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", lambda _: apb.ActivateCARequest()))
+    p = _admin_parser(
+        ca,
+        "taint",
+        "mark an old authority tainted: everything it signed is re-issued now",
+        _ca("TaintAuthority", _authority_request, _call_trust_admin),
+    )
+    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
+    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
+    p = _admin_parser(
+        ca,
+        "revoke",
+        "remove a tainted authority from the bundle",
+        _ca("RevokeAuthority", _authority_request, _call_trust_admin),
+    )
+    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
+    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
+    p.add_argument("--force", action="store_true", help="revoke even though SVIDs it signed were not all re-issued")
+    # federation ... and x509 revoke|revoked (the TrustAdmin service)
+    federation_cli.register(commands, _admin_parser, _emit, _call_trust_admin)
 
     p = _admin_parser(commands, "healthcheck", "exit 0 when the server is healthy", cmd_healthcheck)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")

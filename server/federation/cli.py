@@ -1,7 +1,9 @@
-"""`tessera-server federation ...`, `ca taint|revoke` and `x509 revoke|revoked`: thin clients of ``TrustAdmin``.
+"""`tessera-server federation ...` and `x509 revoke|revoked`: thin clients of ``TrustAdmin``.
 
-:func:`register` is called by :mod:`tessera.server.cli` with its own parser helpers, so these commands take
-the same ``--socket`` / ``--output`` flags and fail the same way (one line, exit status 1).
+:func:`register` is called by :mod:`tessera.server.cli` with its own parser helpers and admin-socket call, so
+these commands take the same ``--socket`` / ``--output`` flags and fail the same way (one line, exit status 1).
+The service's ``TaintAuthority`` / ``RevokeAuthority`` are the ``ca taint|revoke`` commands, beside the other
+``ca`` commands in :mod:`tessera.server.cli`.
 """
 
 from __future__ import annotations
@@ -12,36 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from tessera.proto import admin_pb2 as apb
-from tessera.proto import admin_pb2_grpc as agrpc
-
-RPC_TIMEOUT = 60.0
+from tessera.server.errors import CliError
 
 AdminParser = Callable[[Any, str, str, Callable[[argparse.Namespace], None]], argparse.ArgumentParser]
-
-
-class _Cli:
-    def __init__(self, channel: Callable[[str], grpc.Channel], error: type[Exception]) -> None:
-        self._channel = channel
-        self._error = error
-
-    def call(self, socket_path: str, method: str, request: Any) -> Any:
-        with self._channel(socket_path) as channel:
-            stub = agrpc.TrustAdminStub(channel)  # type: ignore[no-untyped-call]
-            try:
-                return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNIMPLEMENTED:
-                    raise self._error(f"tessera-server on {socket_path} does not offer {method}") from None
-                if code == grpc.StatusCode.UNAVAILABLE and "refresh" not in method.lower():
-                    raise self._error(f"cannot reach tessera-server on {socket_path}: {exc.details()}") from None
-                raise self._error(f"{code.name.lower()}: {exc.details()}") from None
-
-    def fail(self, message: str) -> Exception:
-        return self._error(message)
+TrustAdminCall = Callable[[str, str, Any], Any]
+"""``(socket path, method, request) -> response`` on the ``TrustAdmin`` service; raises CliError."""
 
 
 def _ts(value: int) -> str:
@@ -106,16 +84,11 @@ def _revoked_dicts(items: Sequence[apb.RevokedX509SVID]) -> list[dict[str, Any]]
 
 def register(
     commands: Any,
-    ca: Any,
     admin_parser: AdminParser,
     emit: Callable[[argparse.Namespace, Any, str], None],
-    channel: Callable[[str], grpc.Channel],
-    error: type[Exception],
-    slot_to_dict: Callable[[apb.CASlot], dict[str, Any]],
-    slots_text: Callable[[Sequence[apb.CASlot]], str],
+    call: TrustAdminCall,
 ) -> None:
-    """Adds the federation, ``ca taint|revoke`` and ``x509`` commands to the ``tessera-server`` parser."""
-    cli = _Cli(channel, error)
+    """Adds the ``federation`` and ``x509`` commands to the ``tessera-server`` parser."""
 
     def relationship_request(args: argparse.Namespace) -> apb.CreateFederationRelationshipRequest:
         request = apb.CreateFederationRelationshipRequest(
@@ -130,7 +103,7 @@ def register(
             try:
                 data = Path(args.bundle_file).read_bytes()
             except OSError as exc:
-                raise cli.fail(f"--bundle-file {args.bundle_file}: {exc.strerror or exc}") from None
+                raise CliError(f"--bundle-file {args.bundle_file}: {exc.strerror or exc}") from None
             fmt = args.bundle_format
             if fmt == "auto":
                 fmt = "spiffe" if data.lstrip().startswith(b"{") else "pem"
@@ -144,29 +117,29 @@ def register(
         emit(args, relationship_to_dict(r), _relationship_text(r))
 
     def create(args: argparse.Namespace) -> None:
-        show_one(args, cli.call(args.socket, "CreateFederationRelationship", relationship_request(args)))
+        show_one(args, call(args.socket, "CreateFederationRelationship", relationship_request(args)))
 
     def update(args: argparse.Namespace) -> None:
-        show_one(args, cli.call(args.socket, "UpdateFederationRelationship", relationship_request(args)))
+        show_one(args, call(args.socket, "UpdateFederationRelationship", relationship_request(args)))
 
     def show(args: argparse.Namespace) -> None:
         if args.trust_domain:
             request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-            show_one(args, cli.call(args.socket, "GetFederationRelationship", request))
+            show_one(args, call(args.socket, "GetFederationRelationship", request))
             return
-        items = cli.call(args.socket, "ListFederationRelationships", apb.ListFederationRelationshipsRequest())
+        items = call(args.socket, "ListFederationRelationships", apb.ListFederationRelationshipsRequest())
         rels = list(items.relationships)
         text = "\n\n".join(_relationship_text(r) for r in rels) or "no federation relationships"
         emit(args, [relationship_to_dict(r) for r in rels], text)
 
     def delete(args: argparse.Namespace) -> None:
         request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-        cli.call(args.socket, "DeleteFederationRelationship", request)
+        call(args.socket, "DeleteFederationRelationship", request)
         emit(args, {"deleted": args.trust_domain}, f"deleted federation relationship with {args.trust_domain}")
 
     def refresh(args: argparse.Namespace) -> None:
         request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-        show_one(args, cli.call(args.socket, "RefreshFederatedBundle", request))
+        show_one(args, call(args.socket, "RefreshFederatedBundle", request))
 
     federation = commands.add_parser("federation", help="federation with other trust domains").add_subparsers(
         dest="sub", required=True
@@ -191,31 +164,10 @@ def register(
         p = admin_parser(federation, name, text, func)
         p.add_argument("--trust-domain", required=True, metavar="TD")
 
-    def authority(method: str) -> Callable[[argparse.Namespace], None]:
-        def run(args: argparse.Namespace) -> None:
-            request = apb.AuthorityRequest(kind=args.kind, key_id=args.id, force=getattr(args, "force", False))
-            response = cli.call(args.socket, method, request)
-            text = slots_text(response.slots)
-            if response.pending_svids:
-                text += f"\n(revoked with {response.pending_svids} SVIDs not yet re-issued)"
-            emit(args, [slot_to_dict(s) for s in response.slots], text)
-
-        return run
-
-    p = admin_parser(
-        ca, "taint", "mark an old authority tainted: everything it signed is re-issued now", authority("TaintAuthority")
-    )
-    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
-    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
-    p = admin_parser(ca, "revoke", "remove a tainted authority from the bundle", authority("RevokeAuthority"))
-    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
-    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
-    p.add_argument("--force", action="store_true", help="revoke even though SVIDs it signed were not all re-issued")
-
     def revoke(args: argparse.Namespace) -> None:
         given = [v for v in (args.serial, args.entry_id, args.agent) if v]
         if len(given) != 1:
-            raise cli.fail("give exactly one of --serial, --entry-id or --agent")
+            raise CliError("give exactly one of --serial, --entry-id or --agent")
         request = apb.RevokeX509SVIDsRequest(cut_off=args.cut_off)
         if args.serial:
             request.serial = args.serial
@@ -223,13 +175,13 @@ def register(
             request.entry_id = args.entry_id
         else:
             request.agent_id = args.agent
-        response = cli.call(args.socket, "RevokeX509SVIDs", request)
+        response = call(args.socket, "RevokeX509SVIDs", request)
         items = list(response.revoked)
         text = _revoked_text(items) if items else "already revoked: nothing new on the CRL"
         emit(args, _revoked_dicts(items), text)
 
     def revoked(args: argparse.Namespace) -> None:
-        items = list(cli.call(args.socket, "ListRevokedX509SVIDs", apb.ListRevokedX509SVIDsRequest()).revoked)
+        items = list(call(args.socket, "ListRevokedX509SVIDs", apb.ListRevokedX509SVIDsRequest()).revoked)
         emit(args, _revoked_dicts(items), _revoked_text(items))
 
     x509 = commands.add_parser("x509", help="X509-SVID revocation").add_subparsers(dest="sub", required=True)
