@@ -40,6 +40,14 @@ class UpstreamAuthorityError(CaError):
     """The configured upstream authority (certificate, key, bundle files) is unusable."""
 
 
+class UnknownAuthorityError(CaError):
+    """No authority with that authority ID is held (``ca show`` lists them)."""
+
+
+class AuthorityStateError(CaError):
+    """The authority is in a state that does not allow the operation (the message says what to do first)."""
+
+
 class BadCsrError(ServerError, ValueError):
     """A certificate signing request is malformed, is not DER PKCS#10, or its signature does not verify."""
 

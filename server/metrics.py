@@ -191,9 +191,7 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method_path.startswith(NODE_SERVICE):
             return handler
         method = method_path[len(NODE_SERVICE) :]
-        return rewrap_handler(
-            handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b)
-        )
+        return rewrap_handler(handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b))
 
     async def _admit(self, method: str, request: Any, context: Any) -> None:
         """Aborts with RESOURCE_EXHAUSTED when a rate limit refuses the call."""
@@ -213,8 +211,10 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _refuse(self, context: Any, limit: str, message: str, wait: float) -> None:
         if self._metrics is not None:
             self._metrics.rate_limited.labels(limit).inc()
-        hint = "the request can never pass: it is larger than the limit" if wait == float("inf") else (
-            f"retry in {wait:.1f}s"
+        hint = (
+            "the request can never pass: it is larger than the limit"
+            if wait == float("inf")
+            else (f"retry in {wait:.1f}s")
         )
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; {hint}")
 
@@ -275,7 +275,7 @@ class CaView(Protocol):
     def active_x509_authority(self) -> Any: ...
 
     @property
-    def active_jwt_key(self) -> Any: ...
+    def active_jwt_authority(self) -> Any: ...
 
     def bundle_x509_authorities(self) -> Sequence[Any]: ...
 
@@ -312,7 +312,7 @@ class ServerStateCollector(Collector):
             if x509_ca is not None:
                 not_after = x509_ca.certificate.not_valid_after_utc.timestamp()
                 expiry.add_metric(["x509"], not_after - now)
-            jwt_key = ca.active_jwt_key
+            jwt_key = ca.active_jwt_authority
             not_after_jwt = getattr(getattr(jwt_key, "lifetime", None), "not_after", None)
             if isinstance(not_after_jwt, dt.datetime):
                 expiry.add_metric(["jwt"], not_after_jwt.timestamp() - now)

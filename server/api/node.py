@@ -431,7 +431,7 @@ class NodeServicer(ngrpc.NodeServicer):
                 response.bundles["spiffe://" + bundle.trust_domain] = bundle.document
             response.crls.extend(c.crl for c in self._ds.list_crls())
         response.bundles_revision = revisions.bundles
-        tainted = self._ca.tainted_key_ids()
+        tainted = self._ca.tainted_x509_authority_ids()
         response.tainted_authorities.extend(tainted)
         response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted) or self._revoked.contains(
             caller.agent.serial, revisions.bundles
@@ -510,7 +510,7 @@ class NodeServicer(ngrpc.NodeServicer):
         ids: dict[str, SpiffeId] = {}
         # Reading each new leaf's AKI back would parse all its extensions; the CA signing before and after the
         # batch is the same object in all but a rotation mid-batch, which falls back to reading the leaves.
-        signer_before = self._ca.active_x509_key_id()
+        signer_before = self._ca.active_x509_authority_id()
         leaves: list[x509.Certificate] = []
         for req, key in zip(requests, keys, strict=True):
             entry = entries[req.entry_id]
@@ -539,7 +539,7 @@ class NodeServicer(ngrpc.NodeServicer):
                     expires_at=issued[-1].expires_at,
                 )
             )
-        if self._ca.active_x509_key_id() != signer_before or not signer_before:
+        if self._ca.active_x509_authority_id() != signer_before or not signer_before:
             issued = [replace(i, issuer_key_id=authority_key_id(leaf)) for i, leaf in zip(issued, leaves, strict=True)]
         self._ds.record_issued_svids(issued)
         return results
