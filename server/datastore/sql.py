@@ -33,7 +33,7 @@ import json
 import time
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -926,7 +926,6 @@ class SqlDatastore(Datastore):
                 (server_id, bytes(data), self._now()),
             )
 
-
     # ---- federation relationships -------------------------------------------------------------------------
 
     @staticmethod
@@ -1117,16 +1116,3 @@ class SqlDatastore(Datastore):
             gone = tx.execute("DELETE FROM issued_svids WHERE expires_at <= ?", (now,))
             gone += tx.execute("DELETE FROM revoked_certificates WHERE expires_at <= ?", (now,))
         return gone
-
-
-def iter_all_entries(
-    store: Datastore, entry_filter: EntryFilter | None = None, page_size: int = 1000
-) -> Iterator[RegistrationEntry]:
-    """Walks every page of a listing (admin tools and tests)."""
-    token = ""
-    while True:
-        page = store.list_entries(entry_filter, page_size=page_size, page_token=token)
-        yield from page.items
-        token = page.next_page_token
-        if not token:
-            return
