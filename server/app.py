@@ -62,6 +62,7 @@ from tessera.server.ca.crl import crls_to_pem
 from tessera.server.ca.manager import CaManager
 from tessera.server.ca.revocation import CrlPublisher
 from tessera.server.ca.signing import ServerCa
+from tessera.server.ca.slots import issued_by
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
 from tessera.server.datastore import Datastore, open_datastore
@@ -569,9 +570,7 @@ class ServerApp:
             active = self.ca_manager.active_x509_authority
             svid = self.server_svid
             issuer_gone = (
-                active is None
-                or svid.chain[1:] != active.chain_from_ca
-                or not _signed_by(svid.leaf, active.certificate)
+                active is None or svid.chain[1:] != active.chain_from_ca or not issued_by(svid.leaf, active.certificate)
             )
             if force_svid or svid.due_for_renewal(now) or (issuer_gone and active is not None):
                 self._svid = self._issue_server_svid()
@@ -674,14 +673,6 @@ class ServerApp:
         if self._ds is not None:
             self._ds.close()
             self._ds = None
-
-
-def _signed_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):
-        return False
-    return True
 
 
 async def run_server(config: ServerConfig) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tessera.proto import admin_pb2 as apb
 from tessera.server.api.status import invalid
@@ -49,56 +50,49 @@ def _kind(request: apb.AuthorityRequest) -> AuthorityKind:
     return "x509" if kind == "x509" else "jwt"
 
 
+@dataclass(frozen=True, kw_only=True)
 class CaAdmin:
     """The operator's hold on the CA. Each call returns every authority afterwards (what ``ca show`` prints)."""
 
-    def __init__(
-        self,
-        *,
-        manager: CaManager,
-        datastore: Datastore,
-        on_ca_change: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._manager = manager
-        self._ds = datastore
-        self._on_ca_change = on_ca_change
-        self._clock = clock
+    manager: CaManager
+    datastore: Datastore
+    on_ca_change: Callable[[], None] = lambda: None
+    clock: Callable[[], float] = time.time
 
     async def show(self) -> list[apb.CASlot]:
-        return [authority_to_proto(a) for a in await asyncio.to_thread(self._manager.authorities)]
+        return [authority_to_proto(a) for a in await asyncio.to_thread(self.manager.authorities)]
 
     async def prepare(self) -> list[apb.CASlot]:
-        await asyncio.to_thread(self._manager.prepare)
-        self._on_ca_change()
+        await asyncio.to_thread(self.manager.prepare)
+        self.on_ca_change()
         log.warning("CA prepared on operator request")
         return await self.show()
 
     async def activate(self) -> list[apb.CASlot]:
-        await asyncio.to_thread(self._manager.activate)
-        self._on_ca_change()
+        await asyncio.to_thread(self.manager.activate)
+        self.on_ca_change()
         log.warning("CA activated on operator request")
         return await self.show()
 
     async def taint(self, request: apb.AuthorityRequest) -> apb.AuthorityResponse:
-        await asyncio.to_thread(self._manager.taint, _kind(request), request.key_id)
-        self._on_ca_change()
+        await asyncio.to_thread(self.manager.taint, _kind(request), request.key_id)
+        self.on_ca_change()
         return apb.AuthorityResponse(slots=await self.show())
 
     async def revoke(self, request: apb.AuthorityRequest) -> apb.AuthorityResponse:
         kind = _kind(request)
-        authority = await asyncio.to_thread(self._manager.check_revocable, kind, request.key_id)
+        authority = await asyncio.to_thread(self.manager.check_revocable, kind, request.key_id)
         authority_id = authority.authority_id
         pending = await self._pending(kind, authority_id, force=request.force)
-        await asyncio.to_thread(self._manager.revoke, kind, authority_id)
-        self._on_ca_change()
+        await asyncio.to_thread(self.manager.revoke, kind, authority_id)
+        self.on_ca_change()
         return apb.AuthorityResponse(slots=await self.show(), pending_svids=pending)
 
     async def _pending(self, kind: AuthorityKind, authority_id: str, *, force: bool) -> int:
         """How many SVIDs the authority signed are still in use; refuses (unless forced) when any is."""
-        now = int(self._clock())
+        now = int(self.clock())
         if kind == "x509":
-            waiting = await asyncio.to_thread(pending_reissue, self._ds, authority_id, now)
+            waiting = await asyncio.to_thread(pending_reissue, self.datastore, authority_id, now)
             if waiting and not force:
                 sample = ", ".join(sorted({w.spiffe_id for w in waiting})[:3])
                 raise AuthorityStateError(
@@ -106,7 +100,7 @@ class CaAdmin:
                     f"re-issued yet (e.g. {sample}); wait for agents to sync after `ca taint`, or pass --force"
                 )
             return len(waiting)
-        minted_until = self._manager.ca.jwt_minted_until(authority_id)
+        minted_until = self.manager.ca.jwt_minted_until(authority_id)
         if minted_until is None or minted_until.timestamp() <= now:
             return 0
         if not force:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import ClassVar, Generic, Literal, TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from tessera.sdk.keys import key_id
 from tessera.server.ca.journal import JwtRecord, Status, X509Record
@@ -74,17 +74,7 @@ class X509Authority:
 
     def info(self) -> AuthorityInfo:
         upstream_id = key_id(self.issuer_chain[0].public_key()) if self.issuer_chain else ""  # type: ignore[arg-type]
-        lifetime = self.lifetime
-        return AuthorityInfo(
-            self.kind,
-            self.authority_id,
-            self.status,
-            lifetime.not_before,
-            lifetime.not_after,
-            self.key.kind,
-            self.tainted,
-            upstream_id,
-        )
+        return _info(self, upstream_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,19 +102,24 @@ class JwtAuthority:
         )
 
     def info(self) -> AuthorityInfo:
-        lifetime = self.lifetime
-        return AuthorityInfo(
-            self.kind,
-            self.authority_id,
-            self.status,
-            lifetime.not_before,
-            lifetime.not_after,
-            self.key.kind,
-            self.tainted,
-        )
+        return _info(self)
 
 
 A = TypeVar("A", X509Authority, JwtAuthority)
+
+
+def _info(authority: X509Authority | JwtAuthority, upstream_authority_id: str = "") -> AuthorityInfo:
+    lifetime = authority.lifetime
+    return AuthorityInfo(
+        authority.kind,
+        authority.authority_id,
+        authority.status,
+        lifetime.not_before,
+        lifetime.not_after,
+        authority.key.kind,
+        authority.tainted,
+        upstream_authority_id,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +194,14 @@ class Slots(Generic[A]):
         return replace(self, old=tuple(a for a in self.old if a.authority_id != authority_id))
 
 
-def self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``cert`` names ``issuer`` as its issuer and ``issuer``'s key signed it; any doubt is a no."""
     try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
+
+
+def self_signed(cert: x509.Certificate) -> bool:
+    return issued_by(cert, cert)
