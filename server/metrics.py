@@ -18,11 +18,12 @@ Three pieces, wired by :mod:`tessera.server.app`:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -231,38 +232,36 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             reason = "rate_limited" if code == "RESOURCE_EXHAUSTED" else code.lower()
             metrics.attestation_failures.labels(reason).inc()
 
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str, request: Any, context: Any) -> AsyncIterator[None]:
+        """Admits the call (rate limits), then records its outcome and time however it ends."""
+        start = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            await self._admit(method, request, context)
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._record(method, context, start, failed)
+
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: Any) -> Any:
-            start = time.perf_counter()
-            failed: BaseException | None = None
-            try:
-                await self._admit(method, request, context)
+            async with self._observed(method, request, context):
                 return await behavior(request, context)
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                self._record(method, context, start, failed)
 
         return wrapper
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request_iterator: Any, context: Any) -> Any:
-            start = time.perf_counter()
-            failed: BaseException | None = None
-            try:
-                await self._admit(method, None, context)
+            async with self._observed(method, None, context):
                 result = behavior(request_iterator, context)
                 if inspect.isasyncgen(result):
                     async for message in result:
                         await context.write(message)
                     return None
                 return await result
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                self._record(method, context, start, failed)
 
         return wrapper
 
