@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.proto import admin_pb2 as apb
+from tessera.server.cliformat import message_to_dict
 from tessera.server.errors import CliError
 
 AdminParser = Callable[[Any, str, str, Callable[[argparse.Namespace], None]], argparse.ArgumentParser]
@@ -24,22 +25,6 @@ TrustAdminCall = Callable[[str, str, Any], Any]
 
 def _ts(value: int) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).isoformat() if value else "never"
-
-
-def relationship_to_dict(r: apb.FederationRelationship) -> dict[str, Any]:
-    return {
-        "trust_domain": r.trust_domain,
-        "bundle_endpoint_url": r.bundle_endpoint_url,
-        "profile": r.profile,
-        "endpoint_spiffe_id": r.endpoint_spiffe_id,
-        "last_refresh": r.last_refresh,
-        "next_refresh": r.next_refresh,
-        "last_error": r.last_error,
-        "has_bundle": r.has_bundle,
-        "bundle_sequence": r.bundle_sequence,
-        "x509_authorities": r.x509_authorities,
-        "jwt_authorities": r.jwt_authorities,
-    }
 
 
 def _relationship_text(r: apb.FederationRelationship) -> str:
@@ -67,19 +52,6 @@ def _revoked_text(items: Sequence[apb.RevokedX509SVID]) -> str:
     if not items:
         return "nothing revoked"
     return "\n".join(f"{r.serial}  {r.spiffe_id}  issuer {r.issuer_key_id}  expires {_ts(r.expires_at)}" for r in items)
-
-
-def _revoked_dicts(items: Sequence[apb.RevokedX509SVID]) -> list[dict[str, Any]]:
-    return [
-        {
-            "serial": r.serial,
-            "issuer_key_id": r.issuer_key_id,
-            "spiffe_id": r.spiffe_id,
-            "expires_at": r.expires_at,
-            "revoked_at": r.revoked_at,
-        }
-        for r in items
-    ]
 
 
 def register(
@@ -114,7 +86,7 @@ def register(
         return request
 
     def show_one(args: argparse.Namespace, r: apb.FederationRelationship) -> None:
-        emit(args, relationship_to_dict(r), _relationship_text(r))
+        emit(args, message_to_dict(r), _relationship_text(r))
 
     def create(args: argparse.Namespace) -> None:
         show_one(args, call(args.socket, "CreateFederationRelationship", relationship_request(args)))
@@ -130,7 +102,7 @@ def register(
         items = call(args.socket, "ListFederationRelationships", apb.ListFederationRelationshipsRequest())
         rels = list(items.relationships)
         text = "\n\n".join(_relationship_text(r) for r in rels) or "no federation relationships"
-        emit(args, [relationship_to_dict(r) for r in rels], text)
+        emit(args, [message_to_dict(r) for r in rels], text)
 
     def delete(args: argparse.Namespace) -> None:
         request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
@@ -178,11 +150,11 @@ def register(
         response = call(args.socket, "RevokeX509SVIDs", request)
         items = list(response.revoked)
         text = _revoked_text(items) if items else "already revoked: nothing new on the CRL"
-        emit(args, _revoked_dicts(items), text)
+        emit(args, [message_to_dict(r) for r in items], text)
 
     def revoked(args: argparse.Namespace) -> None:
         items = list(call(args.socket, "ListRevokedX509SVIDs", apb.ListRevokedX509SVIDsRequest()).revoked)
-        emit(args, _revoked_dicts(items), _revoked_text(items))
+        emit(args, [message_to_dict(r) for r in items], _revoked_text(items))
 
     x509 = commands.add_parser("x509", help="X509-SVID revocation").add_subparsers(dest="sub", required=True)
     p = admin_parser(x509, "revoke", "put X509-SVIDs on the CA's revocation list", revoke)
@@ -197,4 +169,4 @@ def register(
     admin_parser(x509, "revoked", "list revoked X509-SVIDs still on the CRLs", revoked)
 
 
-__all__ = ["register", "relationship_to_dict"]
+__all__ = ["register"]
