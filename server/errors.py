@@ -3,7 +3,9 @@
 Every error the server raises on purpose derives from :class:`ServerError` (itself a
 :class:`~tessera.sdk.errors.TesseraError`), so the gRPC layer can map a whole family to one status code and
 a caller can catch the server's failures without catching programming errors. Keep this module a flat list
-of classes: each component adds the few it needs, and the class name says which rule failed.
+of classes: each component adds the few it needs, and the class name says which rule failed. Also in the tree,
+beside the code they serve: :class:`~tessera.server.api.status.ApiError` (an answer that names its own gRPC
+status), ``StartupError`` (app), ``FetchError`` (federation), ``InconsistentStateError`` (statecheck).
 """
 
 from __future__ import annotations

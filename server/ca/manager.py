@@ -552,7 +552,7 @@ def _bundle_digest(certs: Sequence[x509.Certificate], jwt_keys: Mapping[str, Pub
     h = hashlib.sha256()
     for der in sorted(c.public_bytes(serialization.Encoding.DER) for c in certs):
         h.update(b"x509\0" + len(der).to_bytes(4, "big") + der)
-    for kid, public_key in sorted(jwt_keys.items()):
+    for authority_id, public_key in sorted(jwt_keys.items()):
         der = public_key_der(public_key)
-        h.update(b"jwt\0" + kid.encode() + b"\0" + len(der).to_bytes(4, "big") + der)
+        h.update(b"jwt\0" + authority_id.encode() + b"\0" + len(der).to_bytes(4, "big") + der)
     return h.hexdigest()
