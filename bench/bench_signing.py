@@ -32,10 +32,11 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from tessera.sdk.keys import generate_key
+from tessera.server.ca.config import CaConfig
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.journal import MemoryJournalStore
 from tessera.server.ca.keymanager import MemoryKeyManager
-from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.manager import CaManager
 
 TRUST_DOMAIN = "bench.example.org"
 
@@ -214,7 +215,7 @@ def manager_loop(csrs: Sequence[bytes], manager: CaManager) -> list[bytes]:
     """The server's path: checked CSR -> CaManager.sign_x509_svid -> DER chain."""
     out = []
     for i, der in enumerate(csrs):
-        chain = manager.sign_x509_svid(csr_public_key(der), spiffe_id_for(i), ttl_seconds=3600)
+        chain = manager.ca.sign_x509_svid(csr_public_key(der), spiffe_id_for(i), ttl_seconds=3600)
         out.append(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
     return out
 

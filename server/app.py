@@ -44,10 +44,10 @@ from tessera.sdk.errors import TesseraError, UnsafeDirectoryError
 from tessera.sdk.files import ensure_private_dir
 from tessera.sdk.keys import PrivateKey, generate_key
 from tessera.sdk.logs import setup_logging
-from tessera.sdk.x509profile import build_x509_svid
 from tessera.server.api.admin import AdminServicer, AdminSettings
 from tessera.server.api.anonymous import ANONYMOUS_METHODS, anonymous_node_handler
 from tessera.server.api.authority import CaManagerAuthority
+from tessera.server.api.ca_admin import CaAdmin
 from tessera.server.api.msglimits import MessageLimitInterceptor, server_limit
 from tessera.server.api.node import JoinGrace, NodeServicer, NodeSettings, join_grace_needed
 from tessera.server.api.peer import authorize_agent
@@ -57,14 +57,16 @@ from tessera.server.api.tls_front import FrontLimits, InnerServers, PeerRegistry
 from tessera.server.attestation.base import NodeAttestor
 from tessera.server.attestation.join_token import JoinTokenAttestor
 from tessera.server.attestation.x509pop import X509PopAttestor, load_ca_bundle
+from tessera.server.ca.config import CaConfig
 from tessera.server.ca.crl import crls_to_pem
-from tessera.server.ca.journal import FileJournalStore
-from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.manager import CaManager
 from tessera.server.ca.revocation import CrlPublisher
+from tessera.server.ca.signing import ServerCa
+from tessera.server.ca.slots import issued_by
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.config import MAX_MESSAGE_BYTES, SETTINGS, ServerConfig, build_config
 from tessera.server.datastore import Datastore, open_datastore
-from tessera.server.errors import DatastoreError, ServerError
+from tessera.server.errors import BadSigningRequestError, DatastoreError, ServerError
 from tessera.server.federation.admin import TrustAdminServicer
 from tessera.server.federation.endpoint import BundleEndpoint, WebCertificateFiles, svid_context
 from tessera.server.federation.refresher import FederationRefresher
@@ -170,7 +172,7 @@ class ServerApp:
         self.node_port = 0
         self._stop = asyncio.Event()
         self._ds: Datastore | None = None
-        self._ca: CaManager | None = None
+        self._ca_manager: CaManager | None = None
         self._authority: CaManagerAuthority | None = None
         self._svid: ServerSvid | None = None
         self._published_sequence = -1
@@ -208,9 +210,15 @@ class ServerApp:
         return self._ds
 
     @property
-    def ca(self) -> CaManager:
-        assert self._ca is not None
-        return self._ca
+    def ca_manager(self) -> CaManager:
+        """The manager that rotates the CA's authorities (and builds the bundle)."""
+        assert self._ca_manager is not None
+        return self._ca_manager
+
+    @property
+    def ca(self) -> ServerCa:
+        """The CA that signs every SVID, this server's own included."""
+        return self.ca_manager.ca
 
     @property
     def server_svid(self) -> ServerSvid:
@@ -238,37 +246,29 @@ class ServerApp:
             max_jwt_svid_ttl=dt.timedelta(seconds=max(86400.0, cfg.default_jwt_svid_ttl)),
             bundle_refresh_hint=dt.timedelta(seconds=int(cfg.federation_refresh_hint)),
         )
-        # Both CA set-ups below keep their journal here; none yet means this start creates the CA.
+        # The CA keeps its journal (no secrets) here; none yet means this start creates the CA. Its keys are on
+        # a PKCS#11 token when one is configured, else on disk beside the journal (0600).
         fresh_ca = not (cfg.data_dir / "ca" / "ca_journal.json").exists()
-        key_manager = make_key_manager(cfg.ops)  # None: keys on disk in the data dir (0600)
-        if key_manager is None:
-            self._ca = CaManager.open(cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream)
-        else:  # keys on a PKCS#11 token; the journal (no secrets) stays in the data dir
-            self._ca = CaManager(
-                cfg.trust_domain,
-                key_manager,
-                FileJournalStore(cfg.data_dir / "ca" / "ca_journal.json"),
-                ca_config,
-                upstream,
-            )
-            self._ca.load()
-            self._ca.tick()
+        key_manager = make_key_manager(cfg.ops)
+        self._ca_manager = CaManager.open(
+            cfg.data_dir / "ca", cfg.trust_domain, ca_config, upstream, key_manager=key_manager
+        )
         if self._metrics is not None:
             self._metrics.register(
                 ServerStateCollector(
-                    ca=lambda: self._ca,
+                    ca=lambda: self._ca_manager,
                     connections=lambda: len(self._registry),
                     last_maintenance=lambda: self._last_maintenance_ok,
                 )
             )
         self._publisher = BundlePublisher(self._ds, cfg.trust_domain, cfg.data_dir / "published_authorities.json")
-        authority = CaManagerAuthority(self._ca, bundle=lambda: self.bundle)
+        authority = CaManagerAuthority(self.ca_manager, bundle=lambda: self.bundle)
         self._authority = (
             InstrumentedAuthority(authority, self._metrics) if self._metrics is not None else authority  # type: ignore[assignment]
         )
         self._start_join_grace(fresh_ca)
         self._publish_bundle()
-        self._crls = CrlPublisher(self._ca, self._ds)
+        self._crls = CrlPublisher(self.ca_manager, self._ds)
         self._crls.publish(force=True)
         self._refresher = FederationRefresher(self._ds, cfg.trust_domain)
         # The server's own TLS SVID is signed by the new CA at once, even in a join grace period: an agent
@@ -289,7 +289,7 @@ class ServerApp:
             return
         stored, _ = self._publisher.stored()
         stored_ids = None if stored is None else authority_ids(stored)
-        if not join_grace_needed(fresh_ca=fresh_ca, mine=authority_ids(self.ca.bundle()), stored=stored_ids):
+        if not join_grace_needed(fresh_ca=fresh_ca, mine=authority_ids(self.ca_manager.bundle()), stored=stored_ids):
             return
         self._join_grace = JoinGrace(self.config.trust_domain, time.monotonic() + grace)
         log.warning(
@@ -314,27 +314,22 @@ class ServerApp:
         return attestors
 
     def _issue_server_svid(self) -> ServerSvid:
-        """The node listener's own SVID, signed by the active CA; DNS SANs from config, IP SAN for an IP bind."""
+        """The node listener's own SVID, signed through the CA's one signing path like every SVID (same backdate,
+        same caps, never outliving the CA); DNS SANs from config, an IP SAN for an IP bind."""
         cfg = self.config
-        authority = self.ca.active_x509_authority
-        if authority is None:
-            raise StartupError("the CA has no active authority; cannot issue the server SVID")
         key = generate_key("ec-p256")
-        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        not_after = min(now + dt.timedelta(seconds=cfg.default_x509_svid_ttl), authority.lifetime.not_after)
         ip = cfg.bind_ip
-        ips = [ip] if ip is not None and not ip.is_unspecified else []
-        leaf = build_x509_svid(
-            public_key=key.public_key(),
-            spiffe_id=cfg.trust_domain.spiffe_id("tessera", "server"),
-            issuer_cert=authority.certificate,
-            issuer_key=authority.key.signer,
-            not_before=now - dt.timedelta(seconds=10),
-            not_after=not_after,
-            dns_names=list(cfg.dns_names),
-            ip_addresses=ips,
-        )
-        return ServerSvid(chain=(leaf, *authority.chain_from_ca), key=key)
+        try:
+            chain = self.ca.sign_x509_svid(
+                key.public_key(),
+                cfg.trust_domain.spiffe_id("tessera", "server"),
+                cfg.default_x509_svid_ttl,
+                dns_names=cfg.dns_names,
+                ip_addresses=[ip] if ip is not None and not ip.is_unspecified else [],
+            )
+        except BadSigningRequestError as exc:  # a configured DNS name no certificate may carry
+            raise StartupError(f"dns_names: cannot issue the server SVID: {exc}") from None
+        return ServerSvid(chain=tuple(chain), key=key)
 
     @property
     def bundle(self) -> SpiffeBundle:
@@ -345,10 +340,10 @@ class ServerApp:
     def _publish_bundle(self) -> bool:
         """Merges this server's authorities into the stored bundle when they changed; True when it did."""
         assert self._publisher is not None
-        sequence = self.ca.bundle_sequence
+        sequence = self.ca_manager.bundle_sequence
         if sequence == self._published_sequence:
             return False
-        self._bundle = self._publisher.publish(self.ca.bundle(), dt.datetime.now(dt.UTC))
+        self._bundle = self._publisher.publish(self.ca_manager.bundle(), dt.datetime.now(dt.UTC))
         self._published_sequence = sequence
         self._bundles_revision = -1  # re-read below: another server may have written since
         return True
@@ -361,7 +356,7 @@ class ServerApp:
             return False
         stored, _ = self._publisher.stored()
         self._bundles_revision = revision
-        mine = authority_ids(self.ca.bundle())
+        mine = authority_ids(self.ca_manager.bundle())
         stale = stored is None or not mine <= authority_ids(stored)
         expired = stored is not None and any(c.not_valid_after_utc <= now for c in stored.x509_authorities)
         if stale or expired:  # ours went missing (or must be pruned): merge and write again
@@ -418,19 +413,19 @@ class ServerApp:
             peers=self._registry,
             join_grace=self._join_grace,
         )
+        ca_admin = CaAdmin(manager=self.ca_manager, datastore=self.datastore, on_ca_change=self._after_ca_change)
         admin = AdminServicer(
             settings=AdminSettings(trust_domain=cfg.trust_domain, join_token_ttl=cfg.join_token_ttl),
             datastore=self.datastore,
             authority=self._authority,
-            on_ca_change=self._after_ca_change,
+            ca_admin=ca_admin,
         )
         assert self._refresher is not None
         trust_admin = TrustAdminServicer(
             trust_domain=cfg.trust_domain,
             datastore=self.datastore,
-            ca=self.ca,
+            ca_admin=ca_admin,
             refresher=self._refresher,
-            on_ca_change=self._after_ca_change,
             on_revocation=self._after_revocation,
         )
         # The node API's gRPC servers listen only on private sockets; the TLS front relays to them: agents to
@@ -567,17 +562,15 @@ class ServerApp:
     def _maintenance_step(self, force_svid: bool = False) -> None:
         with self._lock:
             now = dt.datetime.now(dt.UTC)
-            for event in self.ca.tick(now):
-                log.info("CA rotation: %s %s %s", event.kind, event.action.name.lower(), ",".join(event.ids))
+            for event in self.ca_manager.tick(now):
+                log.info("CA rotation: %s %s %s", event.kind, event.action.name.lower(), ",".join(event.authority_ids))
             bundle_changed = self._publish_bundle()
             bundle_changed = self._refresh_bundle(now) or bundle_changed
             svid_changed = False
-            active = self.ca.active_x509_authority
+            active = self.ca_manager.active_x509_authority
             svid = self.server_svid
             issuer_gone = (
-                active is None
-                or svid.chain[1:] != active.chain_from_ca
-                or not _signed_by(svid.leaf, active.certificate)
+                active is None or svid.chain[1:] != active.chain_from_ca or not issued_by(svid.leaf, active.certificate)
             )
             if force_svid or svid.due_for_renewal(now) or (issuer_gone and active is not None):
                 self._svid = self._issue_server_svid()
@@ -611,7 +604,7 @@ class ServerApp:
     def _can_serve(self) -> bool:
         """Whether agents can be served at all: an active CA that has not expired and a current server SVID."""
         now = dt.datetime.now(dt.UTC)
-        active = self.ca.active_x509_authority
+        active = self.ca_manager.active_x509_authority
         svid = self._svid
         return (
             active is not None
@@ -680,14 +673,6 @@ class ServerApp:
         if self._ds is not None:
             self._ds.close()
             self._ds = None
-
-
-def _signed_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):
-        return False
-    return True
 
 
 async def run_server(config: ServerConfig) -> None:

@@ -24,14 +24,14 @@ from tessera.proto import admin_pb2 as apb
 from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.proto import node_pb2 as npb
 from tessera.sdk.config import ConfigError, add_arguments, parse_duration
+from tessera.server.cliformat import message_to_dict, selector_texts
 from tessera.server.config import SETTINGS, default_admin_socket
+from tessera.server.errors import CliError
 from tessera.server.federation import cli as federation_cli
 
 RPC_TIMEOUT = 30.0
-
-
-class CliError(Exception):
-    """A one-line failure reported to the operator."""
+TRUST_ADMIN_RPC_TIMEOUT = 60.0
+"""Longer: ``federation refresh`` waits for a foreign bundle endpoint."""
 
 
 def _fail(message: str) -> NoReturn:
@@ -60,17 +60,28 @@ def _channel(socket_path: str) -> grpc.Channel:
     return grpc.insecure_channel(f"unix:{path}")
 
 
-def _call(socket_path: str, method: str, request: Any) -> Any:
+def _call(
+    socket_path: str, method: str, request: Any, stub: Any = agrpc.AdminStub, timeout: float = RPC_TIMEOUT
+) -> Any:
+    """One admin RPC (``stub``: the ``Admin`` service, or ``TrustAdmin``); every failure is one CliError line."""
     with _channel(socket_path) as channel:
-        stub = agrpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         try:
-            return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
+            return getattr(stub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or not details):
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                _fail(f"tessera-server on {socket_path} does not offer {method}")
+            # UNAVAILABLE is also the server's answer for a datastore that is down or a federated bundle that
+            # could not be refreshed; only a failure to connect means the server itself is out of reach.
+            unreachable = not details or ("connect" in details.lower() and "refresh" not in method.lower())
+            if code == grpc.StatusCode.UNAVAILABLE and unreachable:
                 _fail(f"cannot reach tessera-server on {socket_path}: {details}")
-            _fail(f"{code.name.lower()}: {exc.details()}")
+            _fail(f"{code.name.lower()}: {details}")
+
+
+def _call_trust_admin(socket_path: str, method: str, request: Any) -> Any:
+    return _call(socket_path, method, request, agrpc.TrustAdminStub, TRUST_ADMIN_RPC_TIMEOUT)
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -82,30 +93,6 @@ def _ts(value: int) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _selectors(selectors: Sequence[npb.Selector]) -> list[str]:
-    return [f"{s.type}:{s.value}" for s in selectors]
-
-
-def entry_to_dict(entry: npb.Entry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "spiffe_id": entry.spiffe_id,
-        "parent_id": entry.parent_id,
-        "selectors": _selectors(entry.selectors),
-        "x509_svid_ttl": entry.x509_svid_ttl,
-        "jwt_svid_ttl": entry.jwt_svid_ttl,
-        "dns_names": list(entry.dns_names),
-        "hint": entry.hint,
-        "admin": entry.admin,
-        "downstream": entry.downstream,
-        "federates_with": list(entry.federates_with),
-        "expires_at": entry.expires_at,
-        "revision": entry.revision,
-        "created_at": entry.created_at,
-        "node": entry.node,
-    }
-
-
 def _entry_text(entry: npb.Entry) -> str:
     lines = [
         f"Entry ID         : {entry.id}",
@@ -115,7 +102,7 @@ def _entry_text(entry: npb.Entry) -> str:
         f"X509-SVID TTL    : {entry.x509_svid_ttl or 'default'}",
         f"JWT-SVID TTL     : {entry.jwt_svid_ttl or 'default'}",
     ]
-    lines += [f"Selector         : {s}" for s in _selectors(entry.selectors)]
+    lines += [f"Selector         : {s}" for s in selector_texts(entry.selectors)]
     lines += [f"DNS name         : {n}" for n in entry.dns_names]
     lines += [f"FederatesWith    : {td}" for td in entry.federates_with]
     if entry.hint:
@@ -128,20 +115,6 @@ def _entry_text(entry: npb.Entry) -> str:
     return "\n".join(lines)
 
 
-def agent_to_dict(agent: apb.Agent) -> dict[str, Any]:
-    return {
-        "spiffe_id": agent.spiffe_id,
-        "attestor": agent.attestor,
-        "node_selectors": _selectors(agent.node_selectors),
-        "serial": agent.serial,
-        "expires_at": agent.expires_at,
-        "banned": agent.banned,
-        "created_at": agent.created_at,
-        "updated_at": agent.updated_at,
-        "reattestable": agent.reattestable,
-    }
-
-
 def _agent_text(agent: apb.Agent) -> str:
     lines = [
         f"SPIFFE ID        : {agent.spiffe_id}",
@@ -151,20 +124,8 @@ def _agent_text(agent: apb.Agent) -> str:
         f"Banned           : {str(agent.banned).lower()}",
         f"Can re-attest    : {str(agent.reattestable).lower()}",
     ]
-    lines += [f"Selector         : {s}" for s in _selectors(agent.node_selectors)]
+    lines += [f"Selector         : {s}" for s in selector_texts(agent.node_selectors)]
     return "\n".join(lines)
-
-
-def slot_to_dict(slot: apb.CASlot) -> dict[str, Any]:
-    return {
-        "kind": slot.kind,
-        "state": slot.state,
-        "key_id": slot.key_id,
-        "key_type": slot.key_type,
-        "not_before": slot.not_before,
-        "not_after": slot.not_after,
-        "tainted": slot.tainted,
-    }
 
 
 def _slots_text(slots: Sequence[apb.CASlot]) -> str:
@@ -249,14 +210,14 @@ def cmd_entry_create(args: argparse.Namespace) -> None:
     entry = npb.Entry()
     _apply_entry_flags(entry, args)
     created = _call(args.socket, "CreateEntry", apb.CreateEntryRequest(entry=entry)).entry
-    _emit(args, entry_to_dict(created), created.id)
+    _emit(args, message_to_dict(created), created.id)
 
 
 def cmd_entry_update(args: argparse.Namespace) -> None:
     entry = _call(args.socket, "GetEntry", apb.GetEntryRequest(id=args.id)).entry
     _apply_entry_flags(entry, args)
     updated = _call(args.socket, "UpdateEntry", apb.UpdateEntryRequest(entry=entry)).entry
-    _emit(args, entry_to_dict(updated), _entry_text(updated))
+    _emit(args, message_to_dict(updated), _entry_text(updated))
 
 
 def cmd_entry_delete(args: argparse.Namespace) -> None:
@@ -289,7 +250,7 @@ def cmd_entry_show(args: argparse.Namespace) -> None:
             return
         out.write("[\n")
         for i, e in enumerate(entries):
-            item = json.dumps(entry_to_dict(e), indent=2, sort_keys=True).replace("\n", "\n  ")
+            item = json.dumps(message_to_dict(e), indent=2, sort_keys=True).replace("\n", "\n  ")
             out.write(("  " if i == 0 else ",\n  ") + item)
         out.write("\n]\n")
         return
@@ -332,12 +293,12 @@ def _list_agents(socket_path: str) -> list[apb.Agent]:
 def cmd_agent_list(args: argparse.Namespace) -> None:
     agents = _list_agents(args.socket)
     text = f"Found {len(agents)} attested agents" + "".join("\n\n" + _agent_text(a) for a in agents)
-    _emit(args, [agent_to_dict(a) for a in agents], text)
+    _emit(args, [message_to_dict(a) for a in agents], text)
 
 
 def cmd_agent_show(args: argparse.Namespace) -> None:
     agent = _call(args.socket, "GetAgent", apb.GetAgentRequest(spiffe_id=args.spiffe_id)).agent
-    _emit(args, agent_to_dict(agent), _agent_text(agent))
+    _emit(args, message_to_dict(agent), _agent_text(agent))
 
 
 def cmd_agent_evict(args: argparse.Namespace) -> None:
@@ -402,12 +363,24 @@ def cmd_bundle_delete(args: argparse.Namespace) -> None:
     _emit(args, {"deleted": args.id}, f"deleted bundle {args.id}")
 
 
-def _ca(method: str, request: Any) -> Callable[[argparse.Namespace], None]:
+def _ca(
+    method: str, request: Callable[[argparse.Namespace], Any], call: Callable[[str, str, Any], Any] = _call
+) -> Callable[[argparse.Namespace], None]:
+    """A ``ca`` command, printing every authority afterwards (taint and revoke travel in ``TrustAdmin``)."""
+
     def run(args: argparse.Namespace) -> None:
-        slots = _call(args.socket, method, request).slots
-        _emit(args, [slot_to_dict(s) for s in slots], _slots_text(slots))
+        response = call(args.socket, method, request(args))
+        text = _slots_text(response.slots)
+        pending = getattr(response, "pending_svids", 0)
+        if pending:
+            text += f"\n(revoked with {pending} SVIDs not yet re-issued)"
+        _emit(args, [message_to_dict(s) for s in response.slots], text)
 
     return run
+
+
+def _authority_request(args: argparse.Namespace) -> apb.AuthorityRequest:
+    return apb.AuthorityRequest(kind=args.kind, key_id=args.id, force=getattr(args, "force", False))
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> None:
@@ -515,11 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, metavar="spiffe://TD")
 
     ca = commands.add_parser("ca", help="the server CA").add_subparsers(dest="sub", required=True)
-    _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", apb.GetCARequest()))
-    _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", apb.PrepareCARequest()))
-    _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", apb.ActivateCARequest()))
-    # federation ..., ca taint|revoke, x509 revoke|revoked (the TrustAdmin service)
-    federation_cli.register(commands, ca, _admin_parser, _emit, _channel, CliError, slot_to_dict, _slots_text)
+    _admin_parser(ca, "show", "show the CA slots", _ca("GetCA", lambda _: apb.GetCARequest()))
+    _admin_parser(ca, "prepare", "prepare the next CA now", _ca("PrepareCA", lambda _: apb.PrepareCARequest()))
+    _admin_parser(ca, "activate", "activate the prepared CA now", _ca("ActivateCA", lambda _: apb.ActivateCARequest()))
+    for name, method, text in (
+        ("taint", "TaintAuthority", "mark an old authority tainted: everything it signed is re-issued now"),
+        ("revoke", "RevokeAuthority", "remove a tainted authority from the bundle"),
+    ):
+        p = _admin_parser(ca, name, text, _ca(method, _authority_request, _call_trust_admin))
+        p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
+        p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
+    # ca revoke only:
+    p.add_argument("--force", action="store_true", help="revoke even though SVIDs it signed were not all re-issued")
+    # federation ... and x509 revoke|revoked (the TrustAdmin service)
+    federation_cli.register(commands, _admin_parser, _emit, _call_trust_admin)
 
     p = _admin_parser(commands, "healthcheck", "exit 0 when the server is healthy", cmd_healthcheck)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")

@@ -62,11 +62,6 @@ def server_id(trust_domain: TrustDomain) -> SpiffeId:
     return trust_domain.spiffe_id("tessera", "server")
 
 
-def is_agent_id(spiffe_id: SpiffeId, trust_domain: TrustDomain) -> bool:
-    """Whether an ID is in the attested-agent namespace of the trust domain."""
-    return spiffe_id.member_of(trust_domain) and spiffe_id.path.startswith(AGENT_PREFIX)
-
-
 def _parse_id(field: str, text: str, td: TrustDomain) -> SpiffeId:
     if not text:
         raise EntryValidationError(field, "is required")

@@ -3,10 +3,14 @@
 Every error the server raises on purpose derives from :class:`ServerError` (itself a
 :class:`~tessera.sdk.errors.TesseraError`), so the gRPC layer can map a whole family to one status code and
 a caller can catch the server's failures without catching programming errors. Keep this module a flat list
-of classes: each component adds the few it needs, and the class name says which rule failed.
+of classes: each component adds the few it needs, and the class name says which rule failed. Also in the tree,
+beside the code they serve: :class:`~tessera.server.api.status.ApiError` (an answer that names its own gRPC
+status), ``StartupError`` (app), ``FetchError`` (federation), ``InconsistentStateError`` (statecheck).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from tessera.sdk.errors import TesseraError
 
@@ -38,6 +42,14 @@ class UpstreamAuthorityError(CaError):
     """The configured upstream authority (certificate, key, bundle files) is unusable."""
 
 
+class UnknownAuthorityError(CaError):
+    """No authority with that authority ID is held (``ca show`` lists them)."""
+
+
+class AuthorityStateError(CaError):
+    """The authority is in a state that does not allow the operation (the message says what to do first)."""
+
+
 class BadCsrError(ServerError, ValueError):
     """A certificate signing request is malformed, is not DER PKCS#10, or its signature does not verify."""
 
@@ -48,6 +60,21 @@ class WeakKeyError(BadCsrError):
 
 class BadSigningRequestError(ServerError, ValueError):
     """A signing request names an invalid SPIFFE ID, TTL, DNS name or audience."""
+
+
+# --- node attestation (tessera.server.attestation) ------------------------------------------------------------
+
+Refusal = Literal["invalid_argument", "permission_denied", "unavailable"]
+
+
+class NodeAttestationError(ServerError):
+    """A node's attestation is refused. ``kind`` says which gRPC status the transport maps it to: a malformed
+    request is the caller's mistake (InvalidArgument); a refused proof is PermissionDenied. (Named apart from
+    the agent's error for a workload it cannot attest: the two are unrelated.)"""
+
+    def __init__(self, message: str, kind: Refusal = "permission_denied") -> None:
+        super().__init__(message)
+        self.kind: Refusal = kind
 
 
 # --- selectors and registration entries (tessera.server.selectors, tessera.server.entries) -----------------
@@ -94,3 +121,10 @@ class AgentBannedError(DatastoreError):
 
 class JoinTokenExpiredError(DatastoreError):
     """The join token existed but its lifetime had ended; it is deleted all the same."""
+
+
+# --- the admin command line (tessera.server.cli) ------------------------------------------------------------
+
+
+class CliError(ServerError):
+    """An admin command failed; the message is the one line the operator reads (exit status 1)."""

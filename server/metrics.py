@@ -18,11 +18,12 @@ Three pieces, wired by :mod:`tessera.server.app`:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -191,9 +192,7 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method_path.startswith(NODE_SERVICE):
             return handler
         method = method_path[len(NODE_SERVICE) :]
-        return rewrap_handler(
-            handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b)
-        )
+        return rewrap_handler(handler, lambda b: self._wrap_unary(method, b), lambda b: self._wrap_stream(method, b))
 
     async def _admit(self, method: str, request: Any, context: Any) -> None:
         """Aborts with RESOURCE_EXHAUSTED when a rate limit refuses the call."""
@@ -213,8 +212,10 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _refuse(self, context: Any, limit: str, message: str, wait: float) -> None:
         if self._metrics is not None:
             self._metrics.rate_limited.labels(limit).inc()
-        hint = "the request can never pass: it is larger than the limit" if wait == float("inf") else (
-            f"retry in {wait:.1f}s"
+        hint = (
+            "the request can never pass: it is larger than the limit"
+            if wait == float("inf")
+            else (f"retry in {wait:.1f}s")
         )
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; {hint}")
 
@@ -231,38 +232,36 @@ class NodeApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             reason = "rate_limited" if code == "RESOURCE_EXHAUSTED" else code.lower()
             metrics.attestation_failures.labels(reason).inc()
 
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str, request: Any, context: Any) -> AsyncIterator[None]:
+        """Admits the call (rate limits), then records its outcome and time however it ends."""
+        start = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            await self._admit(method, request, context)
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._record(method, context, start, failed)
+
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: Any) -> Any:
-            start = time.perf_counter()
-            failed: BaseException | None = None
-            try:
-                await self._admit(method, request, context)
+            async with self._observed(method, request, context):
                 return await behavior(request, context)
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                self._record(method, context, start, failed)
 
         return wrapper
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request_iterator: Any, context: Any) -> Any:
-            start = time.perf_counter()
-            failed: BaseException | None = None
-            try:
-                await self._admit(method, None, context)
+            async with self._observed(method, None, context):
                 result = behavior(request_iterator, context)
                 if inspect.isasyncgen(result):
                     async for message in result:
                         await context.write(message)
                     return None
                 return await result
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                self._record(method, context, start, failed)
 
         return wrapper
 
@@ -275,7 +274,7 @@ class CaView(Protocol):
     def active_x509_authority(self) -> Any: ...
 
     @property
-    def active_jwt_key(self) -> Any: ...
+    def active_jwt_authority(self) -> Any: ...
 
     def bundle_x509_authorities(self) -> Sequence[Any]: ...
 
@@ -312,7 +311,7 @@ class ServerStateCollector(Collector):
             if x509_ca is not None:
                 not_after = x509_ca.certificate.not_valid_after_utc.timestamp()
                 expiry.add_metric(["x509"], not_after - now)
-            jwt_key = ca.active_jwt_key
+            jwt_key = ca.active_jwt_authority
             not_after_jwt = getattr(getattr(jwt_key, "lifetime", None), "not_after", None)
             if isinstance(not_after_jwt, dt.datetime):
                 expiry.add_metric(["jwt"], not_after_jwt.timestamp() - now)

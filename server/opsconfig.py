@@ -23,9 +23,7 @@ OPS_SETTINGS: tuple[Setting, ...] = (
     Setting("pkcs11_pin", "str", None, help="pkcs11: user PIN source, env:VARIABLE or file:/path (never the PIN)"),
     Setting("pkcs11_key_label_prefix", "str", "tessera-ca:", help="pkcs11: label prefix of the keys this server owns"),
     Setting("metrics_bind_address", "str", None, help="HOST:PORT of the Prometheus /metrics listener (off if unset)"),
-    Setting(
-        "attestation_rate_limit", "int", 60, help="node attestations per minute per source address (0 = no limit)"
-    ),
+    Setting("attestation_rate_limit", "int", 60, help="node attestations per minute per source address (0 = no limit)"),
     Setting("signing_rate_limit", "int", 20000, help="X509-SVID signatures per minute per agent (0 = no limit)"),
     Setting(
         "node_api_handshake_timeout",
@@ -101,17 +99,16 @@ def build_ops_config(values: Mapping[str, Any]) -> OpsConfig:
     if values.get("metrics_bind_address"):
         metrics_host, metrics_port = parse_host_port(values["metrics_bind_address"], "metrics_bind_address")
     limits: dict[str, int] = {}
-    for key in ("attestation_rate_limit", "signing_rate_limit"):
+    for key, unit in (
+        ("attestation_rate_limit", "per minute"),
+        ("signing_rate_limit", "per minute"),
+        ("node_api_max_unauthenticated_connections", "of connections"),
+        ("node_api_max_unauthenticated_connections_per_source", "of connections"),
+    ):
         raw = values.get(key)
         value = int(raw) if raw is not None else 0
         if value < 0:
-            raise ConfigError(f"{key}: must be 0 (no limit) or a positive number per minute, got {value}")
-        limits[key] = value
-    for key in ("node_api_max_unauthenticated_connections", "node_api_max_unauthenticated_connections_per_source"):
-        raw = values.get(key)
-        value = int(raw) if raw is not None else 0
-        if value < 0:
-            raise ConfigError(f"{key}: must be 0 (no limit) or a positive number of connections, got {value}")
+            raise ConfigError(f"{key}: must be 0 (no limit) or a positive number {unit}, got {value}")
         limits[key] = value
     timeouts: list[float] = []
     for key in ("node_api_handshake_timeout", "node_api_first_request_timeout"):

@@ -51,15 +51,6 @@ class Selector:
         return f"{self.type}:{self.value}"
 
 
-def parse_selector(text: str) -> Selector:
-    return Selector.parse(text)
-
-
-def parse_selectors(texts: Iterable[str]) -> tuple[Selector, ...]:
-    """Parses and normalizes (sorted, duplicates removed) a list of ``type:value`` strings."""
-    return normalize(Selector.parse(t) for t in texts)
-
-
 def normalize(selectors: Iterable[Selector]) -> tuple[Selector, ...]:
     """The canonical form of a selector set: sorted by (type, value), without duplicates."""
     return tuple(sorted(set(selectors)))

@@ -22,7 +22,8 @@ from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.sdk.bundle import SpiffeBundle, X509Bundle
 from tessera.sdk.errors import BundleError, SpiffeIdError
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
-from tessera.server.api.authority import Authority, SlotInfo
+from tessera.server.api.authority import Authority
+from tessera.server.api.ca_admin import CaAdmin
 from tessera.server.api.convert import agent_to_proto, entry_from_proto, entry_to_proto, selectors_from_proto
 from tessera.server.api.status import handle_errors, invalid, not_found
 from tessera.server.attestation.join_token import default_agent_id
@@ -71,18 +72,6 @@ def _page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _slot_to_proto(slot: SlotInfo) -> apb.CASlot:
-    return apb.CASlot(
-        kind=slot.kind,
-        state=slot.state,
-        key_id=slot.key_id,
-        not_before=int(slot.not_before.timestamp()),
-        not_after=int(slot.not_after.timestamp()),
-        key_type=slot.key_type,
-        tainted=slot.tainted,
-    )
-
-
 def _federated(trust_domain: str, document: bytes) -> apb.FederatedBundle:
     bundle = SpiffeBundle.from_document(trust_domain, document)
     return apb.FederatedBundle(
@@ -100,14 +89,14 @@ class AdminServicer(agrpc.AdminServicer):
         settings: AdminSettings,
         datastore: Datastore,
         authority: Authority,
-        on_ca_change: Callable[[], None] = lambda: None,
+        ca_admin: CaAdmin,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._td = settings.trust_domain
         self._ds = datastore
         self._ca = authority
-        self._on_ca_change = on_ca_change
+        self._ca_admin = ca_admin
         self._clock = clock
 
     # ------------------------------------------------------------------------------------------- entries
@@ -303,32 +292,23 @@ class AdminServicer(agrpc.AdminServicer):
         log.info("federated bundle deleted", extra={"trust_domain": td.name})
         return apb.DeleteFederatedBundleResponse()
 
-    # ------------------------------------------------------------------------------------------------ CA
-
-    def _slots(self) -> list[apb.CASlot]:
-        return [_slot_to_proto(s) for s in self._ca.slots()]
+    # ---------------------------------------------------------------- CA (the `ca` commands: api/ca_admin.py)
 
     @handle_errors
     async def GetCA(self, request: apb.GetCARequest, context: grpc.aio.ServicerContext[Any, Any]) -> apb.GetCAResponse:
-        return apb.GetCAResponse(slots=await asyncio.to_thread(self._slots))
+        return apb.GetCAResponse(slots=await self._ca_admin.show())
 
     @handle_errors
     async def PrepareCA(
         self, request: apb.PrepareCARequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> apb.PrepareCAResponse:
-        await asyncio.to_thread(self._ca.prepare)
-        self._on_ca_change()
-        log.warning("CA prepared on operator request")
-        return apb.PrepareCAResponse(slots=await asyncio.to_thread(self._slots))
+        return apb.PrepareCAResponse(slots=await self._ca_admin.prepare())
 
     @handle_errors
     async def ActivateCA(
         self, request: apb.ActivateCARequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> apb.ActivateCAResponse:
-        await asyncio.to_thread(self._ca.activate)
-        self._on_ca_change()
-        log.warning("CA activated on operator request")
-        return apb.ActivateCAResponse(slots=await asyncio.to_thread(self._slots))
+        return apb.ActivateCAResponse(slots=await self._ca_admin.activate())
 
 
 __all__ = ["AdminServicer", "AdminSettings", "not_found"]

@@ -1,14 +1,14 @@
-"""What the APIs need from the certificate authority, as one narrow interface.
+"""What the node API needs from the certificate authority, as one narrow interface.
 
-The node and admin APIs sign and publish through this protocol only, so they can be tested against any CA
-and the CA manager can change its internals freely. :class:`tessera.server.app` adapts the CA manager.
+The node API signs and publishes through this protocol only, so it can be tested against any CA and the CA can
+change its internals freely. :class:`CaManagerAuthority` adapts the server's CA (the manager that rotates and
+the CA that signs); the operator's ``ca`` commands work on the manager itself (:mod:`tessera.server.api.ca_admin`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
@@ -17,17 +17,6 @@ from tessera.sdk.bundle import SpiffeBundle
 from tessera.sdk.keys import PublicKey
 from tessera.sdk.spiffeid import SpiffeId
 from tessera.server.ca.manager import CaManager
-
-
-@dataclass(frozen=True, slots=True)
-class SlotInfo:
-    kind: str  # "x509" or "jwt"
-    state: str  # "active", "prepared", "old"
-    key_id: str
-    not_before: dt.datetime
-    not_after: dt.datetime
-    key_type: str = ""
-    tainted: bool = False
 
 
 class Authority(Protocol):
@@ -49,23 +38,17 @@ class Authority(Protocol):
         """This trust domain's bundle: X.509 roots (own CAs or the upstream root) and JWT keys."""
         ...
 
-    def active_x509_key_id(self) -> str | None:
-        """Hex SKI of the X.509 CA signing right now (None when none is active)."""
+    def active_x509_authority_id(self) -> str | None:
+        """Authority ID (hex SKI) of the X.509 CA signing right now (None when none is active)."""
         ...
 
-    def tainted_key_ids(self) -> list[str]:
-        """Hex SKIs of X.509 authorities marked tainted (SVIDs they signed must be re-issued)."""
+    def tainted_x509_authority_ids(self) -> list[str]:
+        """Authority IDs of X.509 CAs marked tainted (SVIDs they signed must be re-issued)."""
         ...
-
-    def slots(self) -> list[SlotInfo]: ...
-
-    def prepare(self) -> None: ...
-
-    def activate(self) -> None: ...
 
 
 class CaManagerAuthority:
-    """Adapts :class:`tessera.server.ca.manager.CaManager` to :class:`Authority`."""
+    """Adapts :class:`tessera.server.ca.manager.CaManager` (and the CA that signs it drives) to :class:`Authority`."""
 
     def __init__(self, manager: CaManager, bundle: Callable[[], SpiffeBundle] | None = None) -> None:
         """``bundle`` gives the trust domain's published bundle (all servers' authorities); default: this
@@ -76,37 +59,17 @@ class CaManagerAuthority:
     def sign_x509_svid(
         self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: float, dns_names: Sequence[str] = ()
     ) -> list[x509.Certificate]:
-        return self.manager.sign_x509_svid(public_key, spiffe_id, ttl, dns_names=dns_names)
+        return self.manager.ca.sign_x509_svid(public_key, spiffe_id, ttl, dns_names=dns_names)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: float) -> tuple[str, dt.datetime]:
-        return self.manager.mint_jwt_svid(spiffe_id, list(audience), ttl)
+        return self.manager.ca.mint_jwt_svid(spiffe_id, list(audience), ttl)
 
     def trust_bundle(self) -> SpiffeBundle:
         return self._bundle()
 
-    def active_x509_key_id(self) -> str | None:
-        active = self.manager.active_x509_authority
-        return active.key_id if active is not None else None
+    def active_x509_authority_id(self) -> str | None:
+        active = self.manager.ca.active.x509
+        return active.authority_id if active is not None else None
 
-    def tainted_key_ids(self) -> list[str]:
-        return [a.id for a in self.manager.authorities() if a.kind == "x509" and a.tainted]
-
-    def slots(self) -> list[SlotInfo]:
-        return [
-            SlotInfo(
-                kind=a.kind,
-                state=str(a.status),
-                key_id=a.id,
-                not_before=a.not_before,
-                not_after=a.not_after,
-                key_type=a.key_kind,
-                tainted=a.tainted,
-            )
-            for a in self.manager.authorities()
-        ]
-
-    def prepare(self) -> None:
-        self.manager.prepare()
-
-    def activate(self) -> None:
-        self.manager.activate()
+    def tainted_x509_authority_ids(self) -> list[str]:
+        return [a.authority_id for a in self.manager.authorities() if a.kind == "x509" and a.tainted]

@@ -31,11 +31,11 @@ from tessera.server.api.authority import Authority
 from tessera.server.api.convert import entry_to_proto, selectors_to_proto
 from tessera.server.api.peer import AuthorizedAgent, PeerLookup, authorize_agent, serial_hex
 from tessera.server.api.status import ApiError, denied, handle_errors, invalid, not_found, status_for
-from tessera.server.attestation.base import AttestationError, NodeAttestor
+from tessera.server.attestation.base import NodeAttestor
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.revocation import authority_key_id, issued_svid
 from tessera.server.datastore.base import AttestedAgent, Datastore, IssuedSvid, RegistrationEntry
-from tessera.server.errors import BadCsrError, NotFound
+from tessera.server.errors import BadCsrError, NodeAttestationError, NotFound
 
 log = logging.getLogger("tessera.server.api.node")
 
@@ -232,9 +232,9 @@ class _StreamChannel:
         try:
             message = await asyncio.wait_for(self._context.read(), ATTEST_STEP_TIMEOUT)
         except TimeoutError:
-            raise AttestationError("no challenge response within the time allowed", "invalid_argument") from None
+            raise NodeAttestationError("no challenge response within the time allowed", "invalid_argument") from None
         if message is grpc.aio.EOF or not message.HasField("challenge_response"):
-            raise AttestationError("expected an AttestRequest.challenge_response", "invalid_argument")
+            raise NodeAttestationError("expected an AttestRequest.challenge_response", "invalid_argument")
         response: bytes = message.challenge_response
         return response
 
@@ -305,7 +305,7 @@ class NodeServicer(ngrpc.NodeServicer):
             await self._attest(context)
         except grpc.aio.AbortError:
             raise
-        except AttestationError as exc:
+        except NodeAttestationError as exc:
             log.info("attestation refused: %s", exc, extra={"peer": self._address(context)})
             await context.abort(_REFUSAL_CODES[exc.kind], str(exc))
         except Exception as exc:  # ApiError, datastore and CA errors: the one mapping every RPC uses
@@ -431,7 +431,7 @@ class NodeServicer(ngrpc.NodeServicer):
                 response.bundles["spiffe://" + bundle.trust_domain] = bundle.document
             response.crls.extend(c.crl for c in self._ds.list_crls())
         response.bundles_revision = revisions.bundles
-        tainted = self._ca.tainted_key_ids()
+        tainted = self._ca.tainted_x509_authority_ids()
         response.tainted_authorities.extend(tainted)
         response.renew_agent_svid = _issued_by_tainted(caller.leaf, tainted) or self._revoked.contains(
             caller.agent.serial, revisions.bundles
@@ -510,7 +510,7 @@ class NodeServicer(ngrpc.NodeServicer):
         ids: dict[str, SpiffeId] = {}
         # Reading each new leaf's AKI back would parse all its extensions; the CA signing before and after the
         # batch is the same object in all but a rotation mid-batch, which falls back to reading the leaves.
-        signer_before = self._ca.active_x509_key_id()
+        signer_before = self._ca.active_x509_authority_id()
         leaves: list[x509.Certificate] = []
         for req, key in zip(requests, keys, strict=True):
             entry = entries[req.entry_id]
@@ -539,7 +539,7 @@ class NodeServicer(ngrpc.NodeServicer):
                     expires_at=issued[-1].expires_at,
                 )
             )
-        if self._ca.active_x509_key_id() != signer_before or not signer_before:
+        if self._ca.active_x509_authority_id() != signer_before or not signer_before:
             issued = [replace(i, issuer_key_id=authority_key_id(leaf)) for i, leaf in zip(issued, leaves, strict=True)]
         self._ds.record_issued_svids(issued)
         return results

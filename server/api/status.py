@@ -22,8 +22,9 @@ log = logging.getLogger("tessera.server.api")
 R = TypeVar("R")
 
 
-class ApiError(Exception):
-    """An answer with a specific status code, raised inside servicer methods."""
+class ApiError(se.ServerError):
+    """An answer with a specific status code, raised inside servicer methods (the one server error that names
+    its status itself, so it lives here beside the table rather than in :mod:`tessera.server.errors`)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -53,6 +54,7 @@ _MAPPING: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (se.RevisionConflictError, grpc.StatusCode.ABORTED),
     (se.DatastoreError, grpc.StatusCode.UNAVAILABLE),
     (se.CaNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (se.UnknownAuthorityError, grpc.StatusCode.NOT_FOUND),
     (se.BadCsrError, grpc.StatusCode.INVALID_ARGUMENT),
     (se.BadSigningRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (se.CaError, grpc.StatusCode.FAILED_PRECONDITION),

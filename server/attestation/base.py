@@ -1,29 +1,17 @@
 """The node attestor interface: one small shape so PSAT, TPM or cloud attestors can be added later.
 
 An attestor receives the agent's payload and a channel for challenges, and either proves who the node is
-(an agent SPIFFE ID plus node selectors) or raises :class:`AttestationError`. It never touches gRPC: the
-node API servicer adapts the bidirectional stream to :class:`ChallengeChannel`.
+(an agent SPIFFE ID plus node selectors) or raises :class:`~tessera.server.errors.NodeAttestationError`. It
+never touches gRPC: the node API servicer adapts the bidirectional stream to :class:`ChallengeChannel`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from tessera.sdk.spiffeid import SpiffeId
-from tessera.server.errors import ServerError
 from tessera.server.selectors import Selector
-
-Refusal = Literal["invalid_argument", "permission_denied", "unavailable"]
-
-
-class AttestationError(ServerError):
-    """Attestation refused. ``kind`` says which gRPC status the transport maps it to: a malformed request
-    is the caller's mistake (InvalidArgument); a refused proof is PermissionDenied."""
-
-    def __init__(self, message: str, kind: Refusal = "permission_denied") -> None:
-        super().__init__(message)
-        self.kind: Refusal = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +25,7 @@ class AttestationResult:
 
 class ChallengeChannel(Protocol):
     async def challenge(self, data: bytes) -> bytes:
-        """Sends ``data`` to the agent and returns its answer (raises AttestationError if none comes)."""
+        """Sends ``data`` to the agent and returns its answer (raises NodeAttestationError if none comes)."""
         ...
 
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from tessera.sdk.errors import SpiffeIdError
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
-from tessera.server.attestation.base import AttestationError, AttestationResult, ChallengeChannel
+from tessera.server.attestation.base import AttestationResult, ChallengeChannel
 from tessera.server.datastore.base import Datastore
-from tessera.server.errors import JoinTokenExpiredError, NotFound
+from tessera.server.errors import JoinTokenExpiredError, NodeAttestationError, NotFound
 from tessera.server.selectors import Selector
 
 NAME = "join_token"
@@ -36,24 +36,24 @@ class JoinTokenAttestor:
 
     async def attest(self, payload: bytes, channel: ChallengeChannel) -> AttestationResult:
         if not payload:
-            raise AttestationError("join_token: the payload must hold the join token", "invalid_argument")
+            raise NodeAttestationError("join_token: the payload must hold the join token", "invalid_argument")
         if len(payload) > MAX_TOKEN_BYTES:
-            raise AttestationError("join_token: the token is too long to be a join token", "invalid_argument")
+            raise NodeAttestationError("join_token: the token is too long to be a join token", "invalid_argument")
         try:
             token = payload.decode("utf-8")
         except UnicodeDecodeError:
-            raise AttestationError("join_token: the token is not UTF-8 text", "invalid_argument") from None
+            raise NodeAttestationError("join_token: the token is not UTF-8 text", "invalid_argument") from None
         try:
             record = await asyncio.to_thread(self._ds.consume_join_token, token, now=int(self._clock()))
         except NotFound:
-            raise AttestationError("join_token: the token is unknown or was already used") from None
+            raise NodeAttestationError("join_token: the token is unknown or was already used") from None
         except JoinTokenExpiredError:
-            raise AttestationError("join_token: the token has expired; generate a new one") from None
+            raise NodeAttestationError("join_token: the token has expired; generate a new one") from None
         if record.spiffe_id:
             try:
                 agent_id = SpiffeId.parse(record.spiffe_id)
             except SpiffeIdError as exc:
-                raise AttestationError(f"join_token: the token's agent ID is invalid: {exc}") from None
+                raise NodeAttestationError(f"join_token: the token's agent ID is invalid: {exc}") from None
         else:
             agent_id = default_agent_id(self._td, record.id)
         return AttestationResult(agent_id=agent_id, selectors=(Selector(NAME, f"id:{record.id}"),), reattestable=False)

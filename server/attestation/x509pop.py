@@ -21,7 +21,8 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
-from tessera.server.attestation.base import AttestationError, AttestationResult, ChallengeChannel
+from tessera.server.attestation.base import AttestationResult, ChallengeChannel
+from tessera.server.errors import NodeAttestationError
 from tessera.server.selectors import Selector
 
 NAME = "x509pop"
@@ -114,11 +115,11 @@ class X509PopAttestor:
 
     def _verify_chain(self, chain: list[x509.Certificate]) -> list[x509.Certificate]:
         if not self._roots:
-            raise AttestationError("x509pop is not enabled on this server (no x509pop_ca_bundle configured)")
+            raise NodeAttestationError("x509pop is not enabled on this server (no x509pop_ca_bundle configured)")
         leaf, intermediates = chain[0], chain[1:]
         basic = _basic_constraints(leaf)
         if basic is not None and basic.ca:
-            raise AttestationError("x509pop: the host certificate is a CA certificate, not a host certificate")
+            raise NodeAttestationError("x509pop: the host certificate is a CA certificate, not a host certificate")
         verifier = (
             PolicyBuilder()
             .store(Store(self._roots))
@@ -129,20 +130,22 @@ class X509PopAttestor:
         try:
             verified = verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            raise AttestationError(
+            raise NodeAttestationError(
                 f"x509pop: the host certificate does not chain to the x509pop CA bundle: {exc}"
             ) from None
         return list(verified.chain)
 
     async def attest(self, payload: bytes, channel: ChallengeChannel) -> AttestationResult:
         if not payload:
-            raise AttestationError("x509pop: payload must hold the host certificate chain (DER)", "invalid_argument")
+            raise NodeAttestationError(
+                "x509pop: payload must hold the host certificate chain (DER)", "invalid_argument"
+            )
         if len(payload) > MAX_CHAIN_BYTES:
-            raise AttestationError("x509pop: certificate chain is too large", "invalid_argument")
+            raise NodeAttestationError("x509pop: certificate chain is too large", "invalid_argument")
         try:
             chain = split_der_chain(payload)
         except ValueError as exc:
-            raise AttestationError(
+            raise NodeAttestationError(
                 f"x509pop: payload is not a DER certificate chain: {exc}", "invalid_argument"
             ) from None
         verified = self._verify_chain(chain)
@@ -150,9 +153,11 @@ class X509PopAttestor:
         challenge = secrets.token_bytes(NONCE_BYTES) + self._context
         signature = await channel.challenge(challenge)
         if not signature or len(signature) > MAX_SIGNATURE_BYTES:
-            raise AttestationError("x509pop: the challenge response is empty or too large")
+            raise NodeAttestationError("x509pop: the challenge response is empty or too large")
         if not verify_signature(leaf, signature, challenge):
-            raise AttestationError("x509pop: the challenge signature does not verify with the host certificate's key")
+            raise NodeAttestationError(
+                "x509pop: the challenge signature does not verify with the host certificate's key"
+            )
         agent_id = self._td.spiffe_id("tessera", "agent", NAME, fingerprint(leaf))
         return AttestationResult(agent_id=agent_id, selectors=selectors_for(leaf, verified), reattestable=True)
 

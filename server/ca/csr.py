@@ -51,17 +51,9 @@ def check_public_key(public_key: object) -> PublicKey:
     raise WeakKeyError(f"{name} keys are refused; use an EC P-256/P-384 or RSA (2048 bits or more) key")
 
 
-def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
-    """Parses a DER PKCS#10 CSR and checks its signature and key; raises :class:`BadCsrError` on any fault."""
-    return _parse(der)[0]
-
-
 def csr_public_key(der: bytes) -> PublicKey:
-    """The checked public key of a DER CSR: the one thing the server takes from it."""
-    return _parse(der)[1]
-
-
-def _parse(der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
+    """The checked public key of a DER PKCS#10 CSR, the one thing the server takes from it, once the CSR's
+    shape, size, key and self-signature pass; raises :class:`BadCsrError` on any fault."""
     if not isinstance(der, bytes | bytearray | memoryview):
         raise BadCsrError(f"CSR must be DER bytes, got {type(der).__name__}")
     der = bytes(der)
@@ -86,4 +78,4 @@ def _parse(der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
         raise BadCsrError(f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise BadCsrError("CSR signature does not verify (the request was corrupted or not signed by its key)")
-    return csr, public_key
+    return public_key

@@ -106,7 +106,8 @@ class X509Record:
 class JwtRecord:
     slot_id: str
     status: Status
-    kid: str
+    authority_id: str
+    """The key's authority ID, which tokens carry as ``kid`` (the document's field keeps that name)."""
     public_key: PublicKey
     not_before: datetime
     not_after: datetime
@@ -152,7 +153,7 @@ def encode(journal: Journal) -> bytes:
             {
                 "slot_id": r.slot_id,
                 "status": r.status.value,
-                "kid": r.kid,
+                "kid": r.authority_id,
                 "public_key": _b64(public_key_der(r.public_key)),
                 "not_before": _time(r.not_before),
                 "not_after": _time(r.not_after),
@@ -253,7 +254,7 @@ def decode(data: bytes) -> Journal:
             JwtRecord(
                 slot_id=r.get(item, "slot_id", str),
                 status=r.status(item),
-                kid=r.get(item, "kid", str),
+                authority_id=r.get(item, "kid", str),
                 public_key=public_key,
                 not_before=not_before,
                 not_after=not_after,

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
@@ -195,6 +195,23 @@ class _HsmKeyMixin:
     def _refuse_export(self) -> NoReturn:
         raise KeyManagerError("the CA private key lives in the HSM and cannot be exported")
 
+    def private_numbers(self) -> NoReturn:
+        self._refuse_export()
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        self._refuse_export()
+
+    def __copy__(self) -> Self:
+        return self  # a handle on a key in the HSM: a copy is the same key
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
 
 class HsmEcPrivateKey(_HsmKeyMixin, ec.EllipticCurvePrivateKey):
     """An EC private key on the token: ``sign`` hashes locally and sends the digest (``CKM_ECDSA``)."""
@@ -223,23 +240,6 @@ class HsmEcPrivateKey(_HsmKeyMixin, ec.EllipticCurvePrivateKey):
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         raise KeyManagerError("CA keys in the HSM are for signing only")
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        self._refuse_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        self._refuse_export()
-
-    def __copy__(self) -> HsmEcPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HsmEcPrivateKey:
-        return self
 
     def __repr__(self) -> str:
         return f"HsmEcPrivateKey(label={self._label!r}, curve={self._public.curve.name})"
@@ -276,23 +276,6 @@ class HsmRsaPrivateKey(_HsmKeyMixin, rsa.RSAPrivateKey):
 
     def decrypt(self, ciphertext: bytes, padding_: padding.AsymmetricPadding) -> bytes:
         raise KeyManagerError("CA keys in the HSM are for signing only")
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        self._refuse_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        self._refuse_export()
-
-    def __copy__(self) -> HsmRsaPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HsmRsaPrivateKey:
-        return self
 
     def __repr__(self) -> str:
         return f"HsmRsaPrivateKey(label={self._label!r}, bits={self._public.key_size})"

@@ -164,7 +164,7 @@ class CrlPublisher:
         unix = int(now.timestamp())
         authorities = self._ca.held_x509_authorities()
         revoked = self._ds.list_revoked_certificates(unexpired_at=unix)
-        state = (tuple(a.key_id for a in authorities), tuple(f"{r.issuer_key_id}/{r.serial}" for r in revoked))
+        state = (tuple(a.authority_id for a in authorities), tuple(f"{r.issuer_key_id}/{r.serial}" for r in revoked))
         due = self._resign_at is None or now >= self._resign_at
         if not force and not due and state == self._state:
             return False
@@ -175,12 +175,12 @@ class CrlPublisher:
             )
         crls = [
             Crl(
-                a.key_id,
+                a.authority_id,
                 crl_der(
                     build_crl(
                         issuer_cert=a.certificate,
                         issuer_key=a.key.signer,
-                        revoked=by_issuer.get(a.key_id, ()),
+                        revoked=by_issuer.get(a.authority_id, ()),
                         now=now,
                         validity=self._validity,
                         backdate=self._ca.config.backdate,
@@ -191,7 +191,7 @@ class CrlPublisher:
             )
             for a in authorities
         ]
-        held = {a.key_id for a in authorities}
+        held = {a.authority_id for a in authorities}
         stale = [c.issuer_key_id for c in self._ds.list_crls() if c.issuer_key_id not in held and c.next_update <= unix]
         self._ds.set_crls(crls, delete_issuers=stale)
         self._state = state

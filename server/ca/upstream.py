@@ -18,13 +18,13 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from tessera.sdk.errors import SvidError
 from tessera.sdk.keys import PrivateKey, as_private_key, public_keys_equal
 from tessera.sdk.svid import parse_pem_certificates
 from tessera.sdk.x509profile import check_signing_certificate
+from tessera.server.ca.slots import issued_by, self_signed
 from tessera.server.errors import UpstreamAuthorityError
 
 
@@ -34,18 +34,6 @@ def _der(cert: x509.Certificate) -> bytes:
 
 def _describe(cert: x509.Certificate) -> str:
     return repr(cert.subject.rfc4514_string() or "<empty subject>")
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    return _issued_by(cert, cert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +78,14 @@ class UpstreamAuthority:
             )
         path = [certificate, *chain]
         for lower, upper in itertools.pairwise(path):
-            if not _issued_by(lower, upper):
+            if not issued_by(lower, upper):
                 raise UpstreamAuthorityError(
                     f"upstream chain is out of order: {_describe(lower)} is not signed by {_describe(upper)}"
                 )
         root_list = list(roots)
         if not root_list:
             top = path[-1]
-            if not _self_signed(top):
+            if not self_signed(top):
                 raise UpstreamAuthorityError(
                     f"upstream certificate chain ends at {_describe(top)}, which is not self-signed: "
                     "give the upstream root certificate(s) as the upstream bundle"
@@ -106,7 +94,7 @@ class UpstreamAuthority:
         root_ders = {_der(r) for r in root_list}
         handed_out = [c for c in path if _der(c) not in root_ders]
         top = path[-1]
-        if _der(top) not in root_ders and not any(_issued_by(top, r) for r in root_list):
+        if _der(top) not in root_ders and not any(issued_by(top, r) for r in root_list):
             raise UpstreamAuthorityError(
                 f"upstream chain does not reach the upstream bundle: {_describe(top)} is not signed by any of its "
                 f"{len(root_list)} root(s)"
@@ -162,9 +150,9 @@ class UpstreamAuthority:
         """
         path = [certificate, *issuer_chain]
         for lower, upper in itertools.pairwise(path):
-            if not _issued_by(lower, upper):
+            if not issued_by(lower, upper):
                 return False
-        return any(_issued_by(path[-1], root) for root in self.roots)
+        return any(issued_by(path[-1], root) for root in self.roots)
 
 
 def _read_certificates(path: Path, what: str) -> list[x509.Certificate]:

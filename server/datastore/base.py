@@ -295,11 +295,6 @@ class Datastore(ABC):
     def revisions(self) -> Revisions:
         """The entries, bundles and node-alias revisions, in one read that touches no entry rows."""
 
-    def node_aliases_changed_since(self, revision: int) -> bool:
-        """Whether a node alias entry changed after entries revision ``revision``: then the parents an agent
-        inherits through aliases may differ, and its next sync must be a full one."""
-        return self.revisions().node_aliases > revision
-
     # ---- registration entries -----------------------------------------------------------------------------
 
     @abstractmethod

@@ -33,8 +33,9 @@ import json
 import time
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any, Protocol
 
 from tessera.server.datastore.base import (
@@ -109,6 +110,21 @@ def _selectors_from_json(text: str) -> tuple[Selector, ...]:
 def _identity_hash(spiffe_id: str, parent_id: str, selectors: Sequence[Selector]) -> str:
     canonical = json.dumps([spiffe_id, parent_id, [[s.type, s.value] for s in selectors]], separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _as_stored(
+    entry: RegistrationEntry, entry_id: str, selectors: tuple[Selector, ...], revision: int, created_at: int
+) -> RegistrationEntry:
+    """The entry as the store keeps it: its id, normalized selectors, tuples, the store's revision and time."""
+    return replace(
+        entry,
+        id=entry_id,
+        selectors=selectors,
+        dns_names=tuple(entry.dns_names),
+        federates_with=tuple(entry.federates_with),
+        revision=revision,
+        created_at=created_at,
+    )
 
 
 def _entry_from_row(row: Row) -> RegistrationEntry:
@@ -357,23 +373,7 @@ class SqlDatastore(Datastore):
         if tx.query("SELECT 1 FROM entries WHERE id = ?", (entry_id,)):
             raise AlreadyExists(f"an entry with id {entry_id} already exists")
         revision = self._bump(tx, "entries")
-        stored = RegistrationEntry(
-            id=entry_id,
-            spiffe_id=entry.spiffe_id,
-            parent_id=entry.parent_id,
-            selectors=selectors,
-            x509_svid_ttl=entry.x509_svid_ttl,
-            jwt_svid_ttl=entry.jwt_svid_ttl,
-            dns_names=tuple(entry.dns_names),
-            hint=entry.hint,
-            admin=entry.admin,
-            downstream=entry.downstream,
-            node=entry.node,
-            federates_with=tuple(entry.federates_with),
-            expires_at=entry.expires_at,
-            revision=revision,
-            created_at=entry.created_at or now,
-        )
+        stored = _as_stored(entry, entry_id, selectors, revision, entry.created_at or now)
         tx.execute(
             f"INSERT INTO entries ({_ENTRY_COLUMNS}, selector_count, identity_hash, updated_at) "
             f"VALUES ({_placeholders(18)})",
@@ -466,23 +466,7 @@ class SqlDatastore(Datastore):
                     f"already exists (id {existing})"
                 )
             revision = self._bump(tx, "entries")
-            stored = RegistrationEntry(
-                id=old.id,
-                spiffe_id=entry.spiffe_id,
-                parent_id=entry.parent_id,
-                selectors=selectors,
-                x509_svid_ttl=entry.x509_svid_ttl,
-                jwt_svid_ttl=entry.jwt_svid_ttl,
-                dns_names=tuple(entry.dns_names),
-                hint=entry.hint,
-                admin=entry.admin,
-                downstream=entry.downstream,
-                node=entry.node,
-                federates_with=tuple(entry.federates_with),
-                expires_at=entry.expires_at,
-                revision=revision,
-                created_at=old.created_at,
-            )
+            stored = _as_stored(entry, old.id, selectors, revision, old.created_at)
             tx.execute(
                 "UPDATE entries SET spiffe_id = ?, parent_id = ?, selectors = ?, x509_svid_ttl = ?, jwt_svid_ttl = ?, "
                 "dns_names = ?, hint = ?, admin = ?, downstream = ?, node = ?, federates_with = ?, expires_at = ?, "
@@ -926,7 +910,6 @@ class SqlDatastore(Datastore):
                 (server_id, bytes(data), self._now()),
             )
 
-
     # ---- federation relationships -------------------------------------------------------------------------
 
     @staticmethod
@@ -1117,16 +1100,3 @@ class SqlDatastore(Datastore):
             gone = tx.execute("DELETE FROM issued_svids WHERE expires_at <= ?", (now,))
             gone += tx.execute("DELETE FROM revoked_certificates WHERE expires_at <= ?", (now,))
         return gone
-
-
-def iter_all_entries(
-    store: Datastore, entry_filter: EntryFilter | None = None, page_size: int = 1000
-) -> Iterator[RegistrationEntry]:
-    """Walks every page of a listing (admin tools and tests)."""
-    token = ""
-    while True:
-        page = store.list_entries(entry_filter, page_size=page_size, page_token=token)
-        yield from page.items
-        token = page.next_page_token
-        if not token:
-            return

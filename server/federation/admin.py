@@ -1,6 +1,7 @@
-"""The ``TrustAdmin`` admin service (proto/tessera/admin.proto): federation relationships, forced retirement of
-CA authorities (taint / revoke) and revocation of single X509-SVIDs. Served on the admin socket next to
-``Admin``; validation happens here so every client gets the same one-line answers.
+"""The ``TrustAdmin`` admin service (proto/tessera/admin.proto): federation relationships and revocation of single
+X509-SVIDs. Served on the admin socket next to ``Admin``; validation happens here so every client gets the same
+one-line answers. The service also carries ``TaintAuthority`` / ``RevokeAuthority`` (wire names kept): they
+belong to the ``ca`` commands and are answered by :class:`~tessera.server.api.ca_admin.CaAdmin`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from tessera.proto import admin_pb2_grpc as agrpc
 from tessera.sdk.bundle import SpiffeBundle, X509Bundle
 from tessera.sdk.errors import BundleError
 from tessera.sdk.spiffeid import TrustDomain
+from tessera.server.api.ca_admin import CaAdmin
 from tessera.server.api.status import ApiError, handle_errors, invalid
 from tessera.server.ca.crl import parse_serial, serial_hex
-from tessera.server.ca.manager import CaManager, UnknownAuthorityError
-from tessera.server.ca.revocation import RevocationTarget, pending_reissue, revoke_x509_svids
+from tessera.server.ca.revocation import RevocationTarget, revoke_x509_svids
 from tessera.server.datastore.base import Datastore, FederationRelationship, RevokedCertificate
 from tessera.server.errors import NotFound
 from tessera.server.federation.fetch import check_endpoint
@@ -31,21 +32,6 @@ from tessera.server.federation.refresher import FederationRefresher
 log = logging.getLogger("tessera.server.federation.admin")
 
 MAX_BUNDLE_BYTES = 1024 * 1024
-
-
-def _slots(ca: CaManager) -> list[apb.CASlot]:
-    return [
-        apb.CASlot(
-            kind=a.kind,
-            state=str(a.status),
-            key_id=a.id,
-            not_before=int(a.not_before.timestamp()),
-            not_after=int(a.not_after.timestamp()),
-            key_type=a.key_kind,
-            tainted=a.tainted,
-        )
-        for a in ca.authorities()
-    ]
 
 
 def _revoked_to_proto(r: RevokedCertificate) -> apb.RevokedX509SVID:
@@ -64,17 +50,15 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
         *,
         trust_domain: TrustDomain,
         datastore: Datastore,
-        ca: CaManager,
+        ca_admin: CaAdmin,
         refresher: FederationRefresher,
-        on_ca_change: Callable[[], None] = lambda: None,
         on_revocation: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._td = trust_domain
         self._ds = datastore
-        self._ca = ca
+        self._ca_admin = ca_admin
         self._refresher = refresher
-        self._on_ca_change = on_ca_change
         self._on_revocation = on_revocation
         self._clock = clock
 
@@ -225,64 +209,19 @@ class TrustAdminServicer(agrpc.TrustAdminServicer):
             )
         return await asyncio.to_thread(self._to_proto, refreshed)
 
-    # ------------------------------------------------------------------------------------- authorities
-
-    @staticmethod
-    def _kind(request: apb.AuthorityRequest) -> str:
-        kind = request.kind or "x509"
-        if kind not in ("x509", "jwt"):
-            raise invalid(f"kind: expected x509 or jwt, got {kind!r}")
-        if not request.key_id:
-            raise invalid("key_id is required (see `ca show`)")
-        return kind
+    # ---------------------------------------------------- authorities (the `ca` commands: api/ca_admin.py)
 
     @handle_errors
     async def TaintAuthority(
         self, request: apb.AuthorityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> apb.AuthorityResponse:
-        kind = self._kind(request)
-        try:
-            await asyncio.to_thread(self._ca.taint, kind, request.key_id)
-        except UnknownAuthorityError as exc:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        self._on_ca_change()
-        return apb.AuthorityResponse(slots=await asyncio.to_thread(_slots, self._ca))
+        return await self._ca_admin.taint(request)
 
     @handle_errors
     async def RevokeAuthority(
         self, request: apb.AuthorityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> apb.AuthorityResponse:
-        kind = self._kind(request)
-        key_id = request.key_id.strip().lower()
-        now = int(self._clock())
-        pending = 0
-        try:
-            await asyncio.to_thread(self._ca.check_revocable, kind, request.key_id)
-            if kind == "x509":
-                waiting = await asyncio.to_thread(pending_reissue, self._ds, key_id, now)
-                pending = len(waiting)
-                if waiting and not request.force:
-                    sample = ", ".join(sorted({w.spiffe_id for w in waiting})[:3])
-                    raise ApiError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{pending} unexpired SVIDs signed by X.509 authority {key_id} have not been re-issued yet "
-                        f"(e.g. {sample}); wait for agents to sync after `ca taint`, or pass --force",
-                    )
-            else:
-                minted_until = self._ca.jwt_minted_until(request.key_id)
-                if minted_until is not None and minted_until.timestamp() > now:
-                    pending = 1
-                    if not request.force:
-                        raise ApiError(
-                            grpc.StatusCode.FAILED_PRECONDITION,
-                            f"JWT-SVIDs minted with key {request.key_id} are valid until {minted_until.isoformat()}; "
-                            "wait until then or pass --force",
-                        )
-            await asyncio.to_thread(self._ca.revoke, kind, request.key_id)
-        except UnknownAuthorityError as exc:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        self._on_ca_change()
-        return apb.AuthorityResponse(slots=await asyncio.to_thread(_slots, self._ca), pending_svids=pending)
+        return await self._ca_admin.revoke(request)
 
     # ----------------------------------------------------------------------------------- X509-SVIDs
 

@@ -1,7 +1,9 @@
-"""`tessera-server federation ...`, `ca taint|revoke` and `x509 revoke|revoked`: thin clients of ``TrustAdmin``.
+"""`tessera-server federation ...` and `x509 revoke|revoked`: thin clients of ``TrustAdmin``.
 
-:func:`register` is called by :mod:`tessera.server.cli` with its own parser helpers, so these commands take
-the same ``--socket`` / ``--output`` flags and fail the same way (one line, exit status 1).
+:func:`register` is called by :mod:`tessera.server.cli` with its own parser helpers and admin-socket call, so
+these commands take the same ``--socket`` / ``--output`` flags and fail the same way (one line, exit status 1).
+The service's ``TaintAuthority`` / ``RevokeAuthority`` are the ``ca taint|revoke`` commands, beside the other
+``ca`` commands in :mod:`tessera.server.cli`.
 """
 
 from __future__ import annotations
@@ -12,56 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from tessera.proto import admin_pb2 as apb
-from tessera.proto import admin_pb2_grpc as agrpc
-
-RPC_TIMEOUT = 60.0
+from tessera.server.cliformat import message_to_dict
+from tessera.server.errors import CliError
 
 AdminParser = Callable[[Any, str, str, Callable[[argparse.Namespace], None]], argparse.ArgumentParser]
-
-
-class _Cli:
-    def __init__(self, channel: Callable[[str], grpc.Channel], error: type[Exception]) -> None:
-        self._channel = channel
-        self._error = error
-
-    def call(self, socket_path: str, method: str, request: Any) -> Any:
-        with self._channel(socket_path) as channel:
-            stub = agrpc.TrustAdminStub(channel)  # type: ignore[no-untyped-call]
-            try:
-                return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNIMPLEMENTED:
-                    raise self._error(f"tessera-server on {socket_path} does not offer {method}") from None
-                if code == grpc.StatusCode.UNAVAILABLE and "refresh" not in method.lower():
-                    raise self._error(f"cannot reach tessera-server on {socket_path}: {exc.details()}") from None
-                raise self._error(f"{code.name.lower()}: {exc.details()}") from None
-
-    def fail(self, message: str) -> Exception:
-        return self._error(message)
+TrustAdminCall = Callable[[str, str, Any], Any]
+"""``(socket path, method, request) -> response`` on the ``TrustAdmin`` service; raises CliError."""
 
 
 def _ts(value: int) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).isoformat() if value else "never"
-
-
-def relationship_to_dict(r: apb.FederationRelationship) -> dict[str, Any]:
-    return {
-        "trust_domain": r.trust_domain,
-        "bundle_endpoint_url": r.bundle_endpoint_url,
-        "profile": r.profile,
-        "endpoint_spiffe_id": r.endpoint_spiffe_id,
-        "last_refresh": r.last_refresh,
-        "next_refresh": r.next_refresh,
-        "last_error": r.last_error,
-        "has_bundle": r.has_bundle,
-        "bundle_sequence": r.bundle_sequence,
-        "x509_authorities": r.x509_authorities,
-        "jwt_authorities": r.jwt_authorities,
-    }
 
 
 def _relationship_text(r: apb.FederationRelationship) -> str:
@@ -91,31 +54,13 @@ def _revoked_text(items: Sequence[apb.RevokedX509SVID]) -> str:
     return "\n".join(f"{r.serial}  {r.spiffe_id}  issuer {r.issuer_key_id}  expires {_ts(r.expires_at)}" for r in items)
 
 
-def _revoked_dicts(items: Sequence[apb.RevokedX509SVID]) -> list[dict[str, Any]]:
-    return [
-        {
-            "serial": r.serial,
-            "issuer_key_id": r.issuer_key_id,
-            "spiffe_id": r.spiffe_id,
-            "expires_at": r.expires_at,
-            "revoked_at": r.revoked_at,
-        }
-        for r in items
-    ]
-
-
 def register(
     commands: Any,
-    ca: Any,
     admin_parser: AdminParser,
     emit: Callable[[argparse.Namespace, Any, str], None],
-    channel: Callable[[str], grpc.Channel],
-    error: type[Exception],
-    slot_to_dict: Callable[[apb.CASlot], dict[str, Any]],
-    slots_text: Callable[[Sequence[apb.CASlot]], str],
+    call: TrustAdminCall,
 ) -> None:
-    """Adds the federation, ``ca taint|revoke`` and ``x509`` commands to the ``tessera-server`` parser."""
-    cli = _Cli(channel, error)
+    """Adds the ``federation`` and ``x509`` commands to the ``tessera-server`` parser."""
 
     def relationship_request(args: argparse.Namespace) -> apb.CreateFederationRelationshipRequest:
         request = apb.CreateFederationRelationshipRequest(
@@ -130,7 +75,7 @@ def register(
             try:
                 data = Path(args.bundle_file).read_bytes()
             except OSError as exc:
-                raise cli.fail(f"--bundle-file {args.bundle_file}: {exc.strerror or exc}") from None
+                raise CliError(f"--bundle-file {args.bundle_file}: {exc.strerror or exc}") from None
             fmt = args.bundle_format
             if fmt == "auto":
                 fmt = "spiffe" if data.lstrip().startswith(b"{") else "pem"
@@ -141,32 +86,32 @@ def register(
         return request
 
     def show_one(args: argparse.Namespace, r: apb.FederationRelationship) -> None:
-        emit(args, relationship_to_dict(r), _relationship_text(r))
+        emit(args, message_to_dict(r), _relationship_text(r))
 
     def create(args: argparse.Namespace) -> None:
-        show_one(args, cli.call(args.socket, "CreateFederationRelationship", relationship_request(args)))
+        show_one(args, call(args.socket, "CreateFederationRelationship", relationship_request(args)))
 
     def update(args: argparse.Namespace) -> None:
-        show_one(args, cli.call(args.socket, "UpdateFederationRelationship", relationship_request(args)))
+        show_one(args, call(args.socket, "UpdateFederationRelationship", relationship_request(args)))
 
     def show(args: argparse.Namespace) -> None:
         if args.trust_domain:
             request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-            show_one(args, cli.call(args.socket, "GetFederationRelationship", request))
+            show_one(args, call(args.socket, "GetFederationRelationship", request))
             return
-        items = cli.call(args.socket, "ListFederationRelationships", apb.ListFederationRelationshipsRequest())
+        items = call(args.socket, "ListFederationRelationships", apb.ListFederationRelationshipsRequest())
         rels = list(items.relationships)
         text = "\n\n".join(_relationship_text(r) for r in rels) or "no federation relationships"
-        emit(args, [relationship_to_dict(r) for r in rels], text)
+        emit(args, [message_to_dict(r) for r in rels], text)
 
     def delete(args: argparse.Namespace) -> None:
         request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-        cli.call(args.socket, "DeleteFederationRelationship", request)
+        call(args.socket, "DeleteFederationRelationship", request)
         emit(args, {"deleted": args.trust_domain}, f"deleted federation relationship with {args.trust_domain}")
 
     def refresh(args: argparse.Namespace) -> None:
         request = apb.GetFederationRelationshipRequest(trust_domain=args.trust_domain)
-        show_one(args, cli.call(args.socket, "RefreshFederatedBundle", request))
+        show_one(args, call(args.socket, "RefreshFederatedBundle", request))
 
     federation = commands.add_parser("federation", help="federation with other trust domains").add_subparsers(
         dest="sub", required=True
@@ -191,31 +136,10 @@ def register(
         p = admin_parser(federation, name, text, func)
         p.add_argument("--trust-domain", required=True, metavar="TD")
 
-    def authority(method: str) -> Callable[[argparse.Namespace], None]:
-        def run(args: argparse.Namespace) -> None:
-            request = apb.AuthorityRequest(kind=args.kind, key_id=args.id, force=getattr(args, "force", False))
-            response = cli.call(args.socket, method, request)
-            text = slots_text(response.slots)
-            if response.pending_svids:
-                text += f"\n(revoked with {response.pending_svids} SVIDs not yet re-issued)"
-            emit(args, [slot_to_dict(s) for s in response.slots], text)
-
-        return run
-
-    p = admin_parser(
-        ca, "taint", "mark an old authority tainted: everything it signed is re-issued now", authority("TaintAuthority")
-    )
-    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
-    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
-    p = admin_parser(ca, "revoke", "remove a tainted authority from the bundle", authority("RevokeAuthority"))
-    p.add_argument("--id", required=True, metavar="KEYID", help="key id from `ca show`")
-    p.add_argument("--kind", choices=("x509", "jwt"), default="x509")
-    p.add_argument("--force", action="store_true", help="revoke even though SVIDs it signed were not all re-issued")
-
     def revoke(args: argparse.Namespace) -> None:
         given = [v for v in (args.serial, args.entry_id, args.agent) if v]
         if len(given) != 1:
-            raise cli.fail("give exactly one of --serial, --entry-id or --agent")
+            raise CliError("give exactly one of --serial, --entry-id or --agent")
         request = apb.RevokeX509SVIDsRequest(cut_off=args.cut_off)
         if args.serial:
             request.serial = args.serial
@@ -223,14 +147,14 @@ def register(
             request.entry_id = args.entry_id
         else:
             request.agent_id = args.agent
-        response = cli.call(args.socket, "RevokeX509SVIDs", request)
+        response = call(args.socket, "RevokeX509SVIDs", request)
         items = list(response.revoked)
         text = _revoked_text(items) if items else "already revoked: nothing new on the CRL"
-        emit(args, _revoked_dicts(items), text)
+        emit(args, [message_to_dict(r) for r in items], text)
 
     def revoked(args: argparse.Namespace) -> None:
-        items = list(cli.call(args.socket, "ListRevokedX509SVIDs", apb.ListRevokedX509SVIDsRequest()).revoked)
-        emit(args, _revoked_dicts(items), _revoked_text(items))
+        items = list(call(args.socket, "ListRevokedX509SVIDs", apb.ListRevokedX509SVIDsRequest()).revoked)
+        emit(args, [message_to_dict(r) for r in items], _revoked_text(items))
 
     x509 = commands.add_parser("x509", help="X509-SVID revocation").add_subparsers(dest="sub", required=True)
     p = admin_parser(x509, "revoke", "put X509-SVIDs on the CA's revocation list", revoke)
@@ -245,4 +169,4 @@ def register(
     admin_parser(x509, "revoked", "list revoked X509-SVIDs still on the CRLs", revoked)
 
 
-__all__ = ["register", "relationship_to_dict"]
+__all__ = ["register"]

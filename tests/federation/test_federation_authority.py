@@ -15,7 +15,7 @@ from tessera.sdk.keys import generate_key
 from tessera.sdk.spiffeid import SpiffeId
 from tessera.sdk.testing import TestCA
 from tessera.server.ca.crl import RevokedSerial, build_crl, crl_der, parse_serial, serial_hex
-from tessera.server.ca.manager import AuthorityStateError, CaManager, UnknownAuthorityError
+from tessera.server.ca.manager import CaManager
 from tessera.server.ca.revocation import (
     CrlPublisher,
     RevocationTarget,
@@ -25,7 +25,7 @@ from tessera.server.ca.revocation import (
 )
 from tessera.server.datastore import open_datastore
 from tessera.server.datastore.base import AttestedAgent, Datastore, RegistrationEntry, Selector
-from tessera.server.errors import NotFound
+from tessera.server.errors import AuthorityStateError, NotFound, UnknownAuthorityError
 
 TD = "a.test"
 
@@ -43,11 +43,11 @@ def ds(tmp_path: Path) -> Iterator[Datastore]:
 
 
 def x509_ids(ca: CaManager, status: str) -> list[str]:
-    return [a.id for a in ca.authorities() if a.kind == "x509" and str(a.status) == status]
+    return [a.authority_id for a in ca.authorities() if a.kind == "x509" and str(a.status) == status]
 
 
 def sign(ca: CaManager, path: str) -> list[x509.Certificate]:
-    return ca.sign_x509_svid(generate_key().public_key(), f"spiffe://{TD}{path}", 600)
+    return ca.ca.sign_x509_svid(generate_key().public_key(), f"spiffe://{TD}{path}", 600)
 
 
 # ------------------------------------------------------------------------------------------- taint / revoke
@@ -66,7 +66,7 @@ def test_taint_refuses_active_and_prepared_then_marks_old(ca: CaManager) -> None
     ca.activate()
     assert ca.taint("x509", active) is True
     assert ca.taint("x509", active) is False  # already tainted: no change
-    info = {a.id: a for a in ca.authorities()}
+    info = {a.authority_id: a for a in ca.authorities()}
     assert info[active].tainted and str(info[active].status) == "old"
 
 
@@ -85,16 +85,16 @@ def test_revoke_needs_taint_removes_from_bundle_and_survives_restart(ca: CaManag
     }
     assert ca.bundle_sequence > sequence
     again = CaManager.open(tmp_path / "ca", TD)
-    assert old not in [a.id for a in again.authorities()]
+    assert old not in [a.authority_id for a in again.authorities()]
 
 
 def test_jwt_key_taint_and_revoke(ca: CaManager) -> None:
-    old_kid = next(a.id for a in ca.authorities() if a.kind == "jwt" and str(a.status) == "active")
-    _token, _ = ca.mint_jwt_svid(f"spiffe://{TD}/w", ["aud"], 60)
+    old_kid = next(a.authority_id for a in ca.authorities() if a.kind == "jwt" and str(a.status) == "active")
+    _token, _ = ca.ca.mint_jwt_svid(f"spiffe://{TD}/w", ["aud"], 60)
     ca.prepare()
     ca.activate()
     ca.taint("jwt", old_kid)
-    minted = ca.jwt_minted_until(old_kid)
+    minted = ca.ca.jwt_minted_until(old_kid)
     assert minted is not None and minted > dt.datetime.now(dt.UTC)
     ca.revoke("jwt", old_kid)
     assert old_kid not in ca.bundle().jwt_authorities

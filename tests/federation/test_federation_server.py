@@ -101,7 +101,7 @@ def test_https_web_endpoint_serves_the_bundle_crls_and_reloads_its_certificate(
     assert port == server.fed_port
     body, served = get(port, "/", web_ca)
     bundle = SpiffeBundle.from_document(TD, body)
-    assert bundle.x509_authorities == server.app.ca.bundle().x509_authorities
+    assert bundle.x509_authorities == server.app.ca_manager.bundle().x509_authorities
     doc = json.loads(body)
     assert doc["spiffe_sequence"] >= 1 and doc["spiffe_refresh_hint"] > 0
 
@@ -146,4 +146,4 @@ def test_revocations_reach_the_published_crls(setup: tuple[Running, TestCA, Path
         x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + part).public_bytes(Encoding.DER)
         for part in pem.split(b"-----BEGIN X509 CRL-----")[1:]
     ]
-    assert RevocationChecker(ders).is_revoked(chain[0], server.app.ca.bundle().x509_authorities)
+    assert RevocationChecker(ders).is_revoked(chain[0], server.app.ca_manager.bundle().x509_authorities)

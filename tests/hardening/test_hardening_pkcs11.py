@@ -28,8 +28,9 @@ from tessera.sdk.keys import generate_key, key_id
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.verify import verify_x509_svid
 from tessera.sdk.x509profile import build_ca_certificate
+from tessera.server.ca.config import CaConfig
 from tessera.server.ca.journal import FileJournalStore, Status
-from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.manager import CaManager
 from tessera.server.ca.pkcs11 import Pkcs11KeyManager, read_pin
 from tessera.server.errors import KeyManagerError
 
@@ -180,11 +181,11 @@ def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path)
     workload_key = generate_key()
 
     def issue_and_verify() -> x509.Certificate:
-        chain = manager.sign_x509_svid(workload_key.public_key(), WORKLOAD)
+        chain = manager.ca.sign_x509_svid(workload_key.public_key(), WORKLOAD)
         bundle = X509Bundle(manager.trust_domain, tuple(manager.bundle_x509_authorities()))
         sid, _ = verify_x509_svid(chain, bundle, now=clock_now[0])
         assert sid == WORKLOAD
-        token, _ = manager.mint_jwt_svid(WORKLOAD, ["db"], 120)
+        token, _ = manager.ca.mint_jwt_svid(WORKLOAD, ["db"], 120)
         jwt_bundle = manager.bundle().jwt_bundle()
         assert JwtSvid.parse_and_validate(token, jwt_bundle, "db", now=clock_now[0]).spiffe_id == WORKLOAD
         return chain[0]
@@ -195,7 +196,7 @@ def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path)
         clock_now[0] += dt.timedelta(minutes=40)
         manager.tick()
     second = manager.active_x509_authority
-    assert second is not None and second.key_id != first.key_id
+    assert second is not None and second.authority_id != first.authority_id
     leaf2 = issue_and_verify()
     leaf1.verify_directly_issued_by(first.certificate)
     leaf2.verify_directly_issued_by(second.certificate)
@@ -204,8 +205,8 @@ def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path)
     manager.activate()
     old = [a for a in manager.authorities() if a.kind == "x509" and a.status is Status.OLD]
     assert old
-    victim = old[0].id
-    victim_slot = next(a.key.slot_id for a in manager.held_x509_authorities() if a.key_id == victim)
+    victim = old[0].authority_id
+    victim_slot = next(a.key.slot_id for a in manager.held_x509_authorities() if a.authority_id == victim)
     manager.taint("x509", victim)
     manager.revoke("x509", victim)
     assert victim_slot not in keys.slot_ids()
@@ -217,7 +218,7 @@ def test_ca_manager_with_keys_in_the_hsm(keys: Pkcs11KeyManager, tmp_path: Path)
     again = CaManager(TD, keys, FileJournalStore(tmp_path / "ca_journal.json"), config, None, lambda: clock_now[0])
     again.load()
     again.tick()
-    assert again.active_x509_authority is not None and again.active_x509_authority.key_id == active.key_id
-    chain = again.sign_x509_svid(workload_key.public_key(), WORKLOAD)
+    assert again.active_x509_authority is not None and again.active_x509_authority.authority_id == active.authority_id
+    chain = again.ca.sign_x509_svid(workload_key.public_key(), WORKLOAD)
     verify_x509_svid(chain, X509Bundle(again.trust_domain, tuple(again.bundle_x509_authorities())), now=clock_now[0])
     assert os.listdir(tmp_path) == ["ca_journal.json"]

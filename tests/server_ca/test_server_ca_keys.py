@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from tessera.sdk.keys import public_keys_equal
-from tessera.server.ca.csr import MAX_CSR_BYTES, check_public_key, csr_public_key, parse_csr
+from tessera.server.ca.csr import MAX_CSR_BYTES, check_public_key, csr_public_key
 from tessera.server.ca.keymanager import DiskKeyManager, MemoryKeyManager, check_key_kind
 from tessera.server.errors import BadCsrError, KeyManagerError, WeakKeyError
 
@@ -152,17 +152,17 @@ def test_weak_and_wrong_keys_refused() -> None:
 def test_malformed_csrs_refused_precisely() -> None:
     good = make_csr(ec.generate_private_key(ec.SECP256R1()))
     with pytest.raises(BadCsrError, match="CSR is empty"):
-        parse_csr(b"")
+        csr_public_key(b"")
     with pytest.raises(BadCsrError, match="not a valid DER PKCS#10"):
-        parse_csr(b"\x30\x03\x02\x01\x01")
+        csr_public_key(b"\x30\x03\x02\x01\x01")
     with pytest.raises(BadCsrError, match="not a valid DER PKCS#10"):
-        parse_csr(good[:-5])
+        csr_public_key(good[:-5])
     with pytest.raises(BadCsrError, match="is PEM"):
-        parse_csr(x509.load_der_x509_csr(good).public_bytes(serialization.Encoding.PEM))
+        csr_public_key(x509.load_der_x509_csr(good).public_bytes(serialization.Encoding.PEM))
     with pytest.raises(BadCsrError, match="at most"):
-        parse_csr(b"\x30" * (MAX_CSR_BYTES + 1))
+        csr_public_key(b"\x30" * (MAX_CSR_BYTES + 1))
     with pytest.raises(BadCsrError, match="must be DER bytes"):
-        parse_csr("text")  # type: ignore[arg-type]
+        csr_public_key("text")  # type: ignore[arg-type]
 
 
 def test_csr_with_broken_signature_refused() -> None:
@@ -171,4 +171,4 @@ def test_csr_with_broken_signature_refused() -> None:
     index = der.index(b"workload")
     der[index + 7] ^= 0x01
     with pytest.raises(BadCsrError, match="signature does not verify"):
-        parse_csr(bytes(der))
+        csr_public_key(bytes(der))

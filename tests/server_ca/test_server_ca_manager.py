@@ -23,10 +23,11 @@ from tessera.sdk.keys import public_keys_equal
 from tessera.sdk.spiffeid import SpiffeId
 from tessera.sdk.verify import verify_x509_svid
 from tessera.sdk.x509profile import subject_key_identifier
+from tessera.server.ca.config import CaConfig
 from tessera.server.ca.csr import csr_public_key
 from tessera.server.ca.journal import FileJournalStore, MemoryJournalStore, Status
 from tessera.server.ca.keymanager import MemoryKeyManager
-from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.manager import CaManager
 from tessera.server.ca.schedule import Action, activate_at, prepare_at
 from tessera.server.errors import (
     BadSigningRequestError,
@@ -52,7 +53,7 @@ def x509_by_status(manager: CaManager) -> dict[Status, list[str]]:
     out: dict[Status, list[str]] = {s: [] for s in Status}
     for info in manager.authorities():
         if info.kind == "x509":
-            out[info.status].append(info.id)
+            out[info.status].append(info.authority_id)
     return out
 
 
@@ -77,7 +78,7 @@ def test_first_start_creates_ca_and_jwt_key_with_private_files(tmp_path: Path) -
     assert ca.not_after == clock.now + timedelta(hours=24)
     active = manager.active_x509_authority
     assert active is not None
-    assert active.key_id == ca.id == subject_key_identifier(active.certificate).hex()
+    assert active.authority_id == ca.authority_id == subject_key_identifier(active.certificate).hex()
     assert active.certificate.issuer == active.certificate.subject  # self-signed root by default
     assert manager.bundle_sequence == 1
     assert mode(data / "keys") == 0o700
@@ -106,15 +107,15 @@ def test_rotation_phases_bundle_contents_activation_and_pruning(tmp_path: Path) 
     events = manager.tick()
     assert [(e.kind, e.action) for e in events] == [("x509", Action.PREPARE), ("jwt", Action.PREPARE)]
     by_status = x509_by_status(manager)
-    assert by_status[Status.ACTIVE] == [first.key_id] and len(by_status[Status.PREPARED]) == 1
+    assert by_status[Status.ACTIVE] == [first.authority_id] and len(by_status[Status.PREPARED]) == 1
     second_id = by_status[Status.PREPARED][0]
     bundle = manager.bundle_x509_authorities()
     assert len(bundle) == 2 and bundle[0] == first.certificate
     assert manager.bundle_sequence == 2
     assert len(manager.jwt_authorities()) == 2
-    chain = manager.sign_x509_svid(new_key().public_key(), WORKLOAD)
+    chain = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)
     assert chain[0].extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == (
-        bytes.fromhex(first.key_id)
+        bytes.fromhex(first.authority_id)
     )
     assert_verifies(manager, chain, clock)
 
@@ -124,12 +125,12 @@ def test_rotation_phases_bundle_contents_activation_and_pruning(tmp_path: Path) 
     events = manager.tick()
     assert [(e.kind, e.action) for e in events] == [("x509", Action.ACTIVATE), ("jwt", Action.ACTIVATE)]
     by_status = x509_by_status(manager)
-    assert by_status[Status.ACTIVE] == [second_id] and by_status[Status.OLD] == [first.key_id]
+    assert by_status[Status.ACTIVE] == [second_id] and by_status[Status.OLD] == [first.authority_id]
     assert by_status[Status.PREPARED] == []
     assert manager.bundle_x509_authorities()[0] == first.certificate
     assert len(manager.bundle_x509_authorities()) == 2
     assert manager.bundle_sequence == 2  # same content, same sequence
-    chain = manager.sign_x509_svid(new_key().public_key(), WORKLOAD)
+    chain = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)
     aki = chain[0].extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
     assert aki == bytes.fromhex(second_id)
     assert_verifies(manager, chain, clock)
@@ -142,7 +143,7 @@ def test_rotation_phases_bundle_contents_activation_and_pruning(tmp_path: Path) 
     clock.set(lifetime.not_after)
     events = manager.tick()
     assert (events[0].kind, events[0].action) == ("x509", Action.PREPARE)  # successor's half life coincides
-    assert ("x509", Action.PRUNE, (first.key_id,)) in [(e.kind, e.action, e.ids) for e in events]
+    assert ("x509", Action.PRUNE, (first.authority_id,)) in [(e.kind, e.action, e.authority_ids) for e in events]
     by_status = x509_by_status(manager)
     assert by_status[Status.OLD] == [] and by_status[Status.ACTIVE] == [second_id]
     assert first.certificate not in manager.bundle_x509_authorities()
@@ -157,12 +158,12 @@ def test_svid_not_after_capped_at_ca_not_after_and_backdated(tmp_path: Path) -> 
     ca = manager.active_x509_authority
     assert ca is not None
     # Default TTL: 1 hour; notBefore backdated 10 seconds.
-    leaf = manager.sign_x509_svid(new_key().public_key(), WORKLOAD)[0]
+    leaf = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)[0]
     assert leaf.not_valid_before_utc == clock.now - timedelta(seconds=10)
     assert leaf.not_valid_after_utc == clock.now + timedelta(hours=1)
     # A long TTL asked late in the CA's life is cut at the CA's notAfter.
     clock.set(ca.lifetime.not_after - timedelta(minutes=30))
-    leaf = manager.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=7200)[0]
+    leaf = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=7200)[0]
     assert leaf.not_valid_after_utc == ca.lifetime.not_after
     assert_verifies(manager, [leaf], clock)
 
@@ -170,11 +171,11 @@ def test_svid_not_after_capped_at_ca_not_after_and_backdated(tmp_path: Path) -> 
 def test_requested_ttl_capped_to_configured_maximum(tmp_path: Path) -> None:
     clock = FakeClock()
     manager = open_manager(tmp_path, clock, max_x509_svid_ttl=timedelta(hours=2))
-    leaf = manager.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=10 * 3600)[0]
+    leaf = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=10 * 3600)[0]
     assert leaf.not_valid_after_utc == clock.now + timedelta(hours=2)
-    leaf = manager.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=0)[0]  # 0 = default
+    leaf = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=0)[0]  # 0 = default
     assert leaf.not_valid_after_utc == clock.now + timedelta(hours=1)
-    leaf = manager.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=timedelta(minutes=5))[0]
+    leaf = manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD, ttl_seconds=timedelta(minutes=5))[0]
     assert leaf.not_valid_after_utc == clock.now + timedelta(minutes=5)
 
 
@@ -184,7 +185,7 @@ def test_every_key_kind_issues_verifiable_svids_and_tls_works(tmp_path: Path, ki
     manager = open_manager(tmp_path, clock, ca_key_kind=kind)
     assert manager.authorities()[0].key_kind == kind
     server_key, client_key = new_key("ec-p256"), new_key("rsa-2048")
-    server_chain = manager.sign_x509_svid(
+    server_chain = manager.ca.sign_x509_svid(
         server_key.public_key(),
         "spiffe://example.org/tessera/server",
         dns_names=["server.example.org"],
@@ -193,7 +194,7 @@ def test_every_key_kind_issues_verifiable_svids_and_tls_works(tmp_path: Path, ki
     san = server_chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["server.example.org"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    client_chain = manager.sign_x509_svid(csr_public_key(make_csr(client_key)), WORKLOAD)
+    client_chain = manager.ca.sign_x509_svid(csr_public_key(make_csr(client_key)), WORKLOAD)
     for chain in (server_chain, client_chain):
         assert_verifies(manager, chain, clock)
     result = tls_handshake(server_chain, server_key, client_chain, client_key, manager.bundle_x509_authorities())
@@ -210,10 +211,10 @@ def test_tls_during_overlap_between_old_and_new_ca(tmp_path: Path) -> None:
     # Run the whole rotation at real time-scale zero: prepare, then activate, at the real "now".
     manager.prepare()
     old_key = new_key()
-    old_chain = manager.sign_x509_svid(old_key.public_key(), WORKLOAD)
+    old_chain = manager.ca.sign_x509_svid(old_key.public_key(), WORKLOAD)
     manager.activate()
     new_key_ = new_key()
-    new_chain = manager.sign_x509_svid(new_key_.public_key(), "spiffe://example.org/other")
+    new_chain = manager.ca.sign_x509_svid(new_key_.public_key(), "spiffe://example.org/other")
     assert old_chain[0].issuer != new_chain[0].issuer
     roots = manager.bundle_x509_authorities()
     assert len(roots) == 2
@@ -238,7 +239,7 @@ def test_forced_prepare_and_activate(tmp_path: Path) -> None:
     assert len(manager.bundle_x509_authorities()) == 2
     manager.activate()
     by_status = x509_by_status(manager)
-    assert by_status[Status.ACTIVE] == replaced and by_status[Status.OLD] == [first.key_id]
+    assert by_status[Status.ACTIVE] == replaced and by_status[Status.OLD] == [first.authority_id]
     assert len(list((tmp_path / "keys").iterdir())) == 4  # 2 X.509 + 2 JWT; the replaced one is gone
 
 
@@ -247,21 +248,21 @@ def test_signing_requests_are_checked(tmp_path: Path) -> None:
     manager = open_manager(tmp_path, clock)
     good = new_key().public_key()
     with pytest.raises(WeakKeyError, match="1024 bits"):
-        manager.sign_x509_svid(new_key_rsa_1024().public_key(), WORKLOAD)
+        manager.ca.sign_x509_svid(new_key_rsa_1024().public_key(), WORKLOAD)
     with pytest.raises(BadSigningRequestError, match="not in trust domain"):
-        manager.sign_x509_svid(good, "spiffe://other.org/workload")
+        manager.ca.sign_x509_svid(good, "spiffe://other.org/workload")
     with pytest.raises(BadSigningRequestError, match="has no path"):
-        manager.sign_x509_svid(good, "spiffe://example.org")
+        manager.ca.sign_x509_svid(good, "spiffe://example.org")
     with pytest.raises(BadSigningRequestError, match="invalid SPIFFE ID"):
-        manager.sign_x509_svid(good, "spiffe://example.org/UP%20")
+        manager.ca.sign_x509_svid(good, "spiffe://example.org/UP%20")
     with pytest.raises(BadSigningRequestError, match="must not be negative"):
-        manager.sign_x509_svid(good, WORKLOAD, ttl_seconds=-1)
+        manager.ca.sign_x509_svid(good, WORKLOAD, ttl_seconds=-1)
     with pytest.raises(BadSigningRequestError, match="DNS name"):
-        manager.sign_x509_svid(good, WORKLOAD, dns_names=["bad name"])
+        manager.ca.sign_x509_svid(good, WORKLOAD, dns_names=["bad name"])
     with pytest.raises(BadSigningRequestError, match="DNS name"):
-        manager.sign_x509_svid(good, WORKLOAD, dns_names=["bücher.example"])
+        manager.ca.sign_x509_svid(good, WORKLOAD, dns_names=["bücher.example"])
     with pytest.raises(BadSigningRequestError, match="does not appear to be an IPv4 or IPv6"):
-        manager.sign_x509_svid(good, WORKLOAD, ip_addresses=["999.1.1.1"])
+        manager.ca.sign_x509_svid(good, WORKLOAD, ip_addresses=["999.1.1.1"])
 
 
 def new_key_rsa_1024() -> rsa.RSAPrivateKey:
@@ -275,11 +276,11 @@ def test_nothing_signed_before_load_and_tick(tmp_path: Path) -> None:
         manager.tick()
     manager.load()
     with pytest.raises(CaNotReadyError, match=r"no X\.509 CA is active"):
-        manager.sign_x509_svid(new_key().public_key(), WORKLOAD)
+        manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)
     with pytest.raises(CaNotReadyError, match="no JWT key is active"):
-        manager.mint_jwt_svid(WORKLOAD, ["aud"])
+        manager.ca.mint_jwt_svid(WORKLOAD, ["aud"])
     manager.tick()
-    assert manager.sign_x509_svid(new_key().public_key(), WORKLOAD)
+    assert manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)
 
 
 def test_expired_ca_refuses_to_sign_until_ticked(tmp_path: Path) -> None:
@@ -289,13 +290,13 @@ def test_expired_ca_refuses_to_sign_until_ticked(tmp_path: Path) -> None:
     assert ca is not None
     clock.set(ca.lifetime.not_after + timedelta(hours=1))
     with pytest.raises(CaNotReadyError):
-        manager.sign_x509_svid(new_key().public_key(), WORKLOAD)
+        manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)
     # A server that was down longer than a CA life recovers on its next tick with a fresh CA.
     manager.tick()
     fresh = manager.active_x509_authority
-    assert fresh is not None and fresh.key_id != ca.key_id
+    assert fresh is not None and fresh.authority_id != ca.authority_id
     assert [c for c in manager.bundle_x509_authorities()] == [fresh.certificate]
-    assert_verifies(manager, manager.sign_x509_svid(new_key().public_key(), WORKLOAD), clock)
+    assert_verifies(manager, manager.ca.sign_x509_svid(new_key().public_key(), WORKLOAD), clock)
 
 
 # --- restart ---------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_restart_restores_slots_and_rotates_nothing_early(tmp_path: Path) -> Non
     assert restarted.tick() == []
     assert restarted.next_event_at() == activate_at(first.lifetime)
     # It signs with the same active CA, whose key was restored from disk.
-    leaf = restarted.sign_x509_svid(new_key().public_key(), WORKLOAD)[0]
+    leaf = restarted.ca.sign_x509_svid(new_key().public_key(), WORKLOAD)[0]
     leaf.verify_directly_issued_by(first.certificate)
 
     # And it rotates on schedule.
@@ -337,7 +338,7 @@ def test_restart_with_custom_journal_store(tmp_path: Path) -> None:
     manager = CaManager(TD, keys, store, clock=clock)
     manager.load()
     manager.tick()
-    token, _ = manager.mint_jwt_svid(WORKLOAD, "aud")
+    token, _ = manager.ca.mint_jwt_svid(WORKLOAD, "aud")
     assert store.data is not None
     again = CaManager(TD, keys, store, clock=clock)
     again.load()
@@ -357,7 +358,7 @@ def test_restart_drops_authority_whose_key_vanished(tmp_path: Path, caplog: pyte
         restarted = open_manager(tmp_path, clock)
     assert "private key is missing" in caplog.text
     fresh = restarted.active_x509_authority
-    assert fresh is not None and fresh.key_id != first.key_id
+    assert fresh is not None and fresh.authority_id != first.authority_id
     assert first.certificate not in restarted.bundle_x509_authorities()
 
 
@@ -400,34 +401,34 @@ def test_corrupt_journal_and_foreign_trust_domain_stop_start_up(tmp_path: Path) 
 def test_jwt_svids_validate_against_jwt_bundle_through_rotation(tmp_path: Path) -> None:
     clock = FakeClock()
     manager = open_manager(tmp_path, clock)
-    jwt_key = manager.active_jwt_key
+    jwt_key = manager.active_jwt_authority
     assert jwt_key is not None
-    token, expires_at = manager.mint_jwt_svid(WORKLOAD, ["db", "cache"])
+    token, expires_at = manager.ca.mint_jwt_svid(WORKLOAD, ["db", "cache"])
     assert expires_at == clock.now + timedelta(minutes=5)
     svid = JwtSvid.parse_and_validate(token, JwtBundle(TD, manager.jwt_authorities()), ["db"], now=clock.now)
-    assert svid.spiffe_id == WORKLOAD and svid.kid == jwt_key.kid and set(svid.audience) == {"db", "cache"}
+    assert svid.spiffe_id == WORKLOAD and svid.kid == jwt_key.authority_id and set(svid.audience) == {"db", "cache"}
 
     # Rotate: the old key stays in the JWT bundle, so tokens it signed still validate.
     clock.set(ceil_seconds(activate_at(jwt_key.lifetime)))
     manager.tick()
-    new_key_ = manager.active_jwt_key
-    assert new_key_ is not None and new_key_.kid != jwt_key.kid
-    assert set(manager.jwt_authorities()) == {jwt_key.kid, new_key_.kid}
-    late_token, late_exp = manager.mint_jwt_svid(WORKLOAD, "db", ttl_seconds=3600)
+    new_key_ = manager.active_jwt_authority
+    assert new_key_ is not None and new_key_.authority_id != jwt_key.authority_id
+    assert set(manager.jwt_authorities()) == {jwt_key.authority_id, new_key_.authority_id}
+    late_token, late_exp = manager.ca.mint_jwt_svid(WORKLOAD, "db", ttl_seconds=3600)
     assert JwtSvid.parse_and_validate(
         late_token, JwtBundle(TD, manager.jwt_authorities()), "db", now=clock.now
-    ).kid == (new_key_.kid)
+    ).kid == (new_key_.authority_id)
     assert late_exp == clock.now + timedelta(hours=1)
 
     # Expiry never passes the signing key's notAfter.
     clock.set(new_key_.lifetime.not_after - timedelta(minutes=1))
-    _, capped = manager.mint_jwt_svid(WORKLOAD, "db", ttl_seconds=3600)
+    _, capped = manager.ca.mint_jwt_svid(WORKLOAD, "db", ttl_seconds=3600)
     assert capped == new_key_.lifetime.not_after
 
     with pytest.raises(BadSigningRequestError, match="audience"):
-        manager.mint_jwt_svid(WORKLOAD, [])
+        manager.ca.mint_jwt_svid(WORKLOAD, [])
     with pytest.raises(BadSigningRequestError, match="audience"):
-        manager.mint_jwt_svid(WORKLOAD, ["ok", ""])
+        manager.ca.mint_jwt_svid(WORKLOAD, ["ok", ""])
 
 
 def test_spiffe_bundle_document_and_sequence(tmp_path: Path) -> None:
@@ -471,7 +472,7 @@ def test_signing_from_many_threads_while_rotating(tmp_path: Path) -> None:
     def signer(index: int) -> None:
         try:
             while not stop.is_set():
-                chains.append(manager.sign_x509_svid(keys[index], WORKLOAD))
+                chains.append(manager.ca.sign_x509_svid(keys[index], WORKLOAD))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

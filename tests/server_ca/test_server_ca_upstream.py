@@ -19,8 +19,9 @@ from tessera.sdk.keys import PrivateKey, generate_key, private_key_to_pem
 from tessera.sdk.spiffeid import SpiffeId, TrustDomain
 from tessera.sdk.svid import certificates_to_pem, spiffe_id_from_certificate
 from tessera.sdk.verify import verify_x509_svid
+from tessera.server.ca.config import CaConfig
 from tessera.server.ca.journal import Status
-from tessera.server.ca.manager import CaConfig, CaManager
+from tessera.server.ca.manager import CaManager
 from tessera.server.ca.upstream import UpstreamAuthority
 from tessera.server.errors import UpstreamAuthorityError
 
@@ -124,8 +125,8 @@ def test_bundle_is_upstream_root_and_svids_chain_through_intermediates(tmp_path:
     )
 
     server_key, client_key = new_key(), new_key("rsa-2048")
-    server_chain = manager.sign_x509_svid(server_key.public_key(), "spiffe://example.org/tessera/server")
-    client_chain = manager.sign_x509_svid(client_key.public_key(), WORKLOAD)
+    server_chain = manager.ca.sign_x509_svid(server_key.public_key(), "spiffe://example.org/tessera/server")
+    client_chain = manager.ca.sign_x509_svid(client_key.public_key(), WORKLOAD)
     # leaf, the server's intermediate, the organisation's intermediate; the root only in the bundle.
     assert client_chain[1:] == [server_ca.certificate, pki.intermediate]
     for chain in (server_chain, client_chain):
@@ -146,7 +147,7 @@ def test_upstream_given_as_root_itself(tmp_path: Path) -> None:
     clock = FakeClock()
     manager = CaManager.open(tmp_path / "data", TD, upstream=upstream, clock=clock)
     key = new_key()
-    chain = manager.sign_x509_svid(key.public_key(), WORKLOAD)
+    chain = manager.ca.sign_x509_svid(key.public_key(), WORKLOAD)
     assert len(chain) == 2 and chain[1] == manager.active_x509_authority.certificate  # type: ignore[union-attr]
     verify_everywhere(chain, [pki.root], clock.now)
     tls_handshake(chain, key, chain, key, [pki.root])
@@ -166,16 +167,16 @@ def test_rotation_under_upstream_keeps_bundle_and_old_svids_valid(tmp_path: Path
     first = manager.active_x509_authority
     assert first is not None
     old_key = new_key()
-    old_chain = manager.sign_x509_svid(old_key.public_key(), WORKLOAD)
+    old_chain = manager.ca.sign_x509_svid(old_key.public_key(), WORKLOAD)
     manager.prepare()
     manager.activate()
     second = manager.active_x509_authority
-    assert second is not None and second.key_id != first.key_id
+    assert second is not None and second.authority_id != first.authority_id
     assert manager.bundle_x509_authorities() == [pki.root]
-    statuses = {i.id: i.status for i in manager.authorities() if i.kind == "x509"}
-    assert statuses == {first.key_id: Status.OLD, second.key_id: Status.ACTIVE}
+    statuses = {i.authority_id: i.status for i in manager.authorities() if i.kind == "x509"}
+    assert statuses == {first.authority_id: Status.OLD, second.authority_id: Status.ACTIVE}
     new_key_ = new_key()
-    new_chain = manager.sign_x509_svid(new_key_.public_key(), "spiffe://example.org/b")
+    new_chain = manager.ca.sign_x509_svid(new_key_.public_key(), "spiffe://example.org/b")
     assert new_chain[1] == second.certificate
     tls_handshake(old_chain, old_key, new_chain, new_key_, [pki.root])
 
@@ -191,7 +192,7 @@ def test_restart_keeps_intermediate_and_switching_upstream_replaces_it(
     assert first is not None
 
     again = CaManager.open(tmp_path / "data", TD, upstream=UpstreamAuthority.load(*files), clock=clock)
-    assert again.active_x509_authority is not None and again.active_x509_authority.key_id == first.key_id
+    assert again.active_x509_authority is not None and again.active_x509_authority.authority_id == first.authority_id
     assert again.tick() == []
 
     other = OrgPki()
@@ -201,7 +202,7 @@ def test_restart_keeps_intermediate_and_switching_upstream_replaces_it(
         )
     assert "does not vouch for it" in caplog.text
     fresh = switched.active_x509_authority
-    assert fresh is not None and fresh.key_id != first.key_id
+    assert fresh is not None and fresh.authority_id != first.authority_id
     fresh.certificate.verify_directly_issued_by(other.intermediate)
     assert switched.bundle_x509_authorities() == [other.root]
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tessera.sdk.spiffeid import SpiffeId, TrustDomain
+from tessera.sdk.spiffeid import TrustDomain
 from tessera.server.datastore import RegistrationEntry, Selector
 from tessera.server.entries import (
     JWT_SVID_TTL_MAX,
@@ -14,7 +14,6 @@ from tessera.server.entries import (
     MAX_SELECTORS,
     X509_SVID_TTL_MAX,
     X509_SVID_TTL_MIN,
-    is_agent_id,
     server_id,
     validate_dns_name,
     validate_entry,
@@ -150,9 +149,3 @@ def test_node_alias_parent_must_be_the_server() -> None:
 def test_dns_name_helper_lowercases_and_strips_root_dot() -> None:
     assert validate_dns_name("WWW.Example.org.") == "www.example.org"
     assert validate_dns_name("localhost") == "localhost"
-
-
-def test_agent_id_helper() -> None:
-    assert is_agent_id(SpiffeId.parse(AGENT), TD)
-    assert not is_agent_id(SpiffeId.parse("spiffe://example.org/web"), TD)
-    assert not is_agent_id(SpiffeId.parse("spiffe://b.test/tessera/agent/x"), TD)

@@ -14,8 +14,6 @@ from tessera.server.selectors import (
     check_selector,
     matches,
     normalize,
-    parse_selector,
-    parse_selectors,
 )
 
 
@@ -23,7 +21,7 @@ def test_splits_on_the_first_colon_only() -> None:
     s = Selector.parse("unix:uid:1000")
     assert (s.type, s.value) == ("unix", "uid:1000")
     assert str(s) == "unix:uid:1000"
-    assert parse_selector("k8s:pod-label:app:web") == Selector("k8s", "pod-label:app:web")
+    assert Selector.parse("k8s:pod-label:app:web") == Selector("k8s", "pod-label:app:web")
 
 
 @pytest.mark.parametrize(
@@ -59,6 +57,10 @@ def test_bounds_and_control_characters() -> None:
         check_selector(Selector("unix", "uid:1\n"))
     with pytest.raises(SelectorError, match="whitespace"):
         check_selector(Selector("unix", " uid:1"))
+
+
+def parse_selectors(texts: list[str]) -> tuple[Selector, ...]:
+    return normalize(Selector.parse(t) for t in texts)
 
 
 def test_normalize_sorts_and_deduplicates() -> None:
