@@ -1,22 +1,16 @@
-"""``tessera-agent`` and ``python -m tessera.agent``: the agent's entry point.
+"""``tessera-agent`` and ``python -m tessera.agent``: the CLI, once the 'agent' extra is known to be installed.
 
-It checks that the 'agent' extra is installed before importing the CLI, whose imports need it: without it the
-operator reads one line naming the extra to install (``tessera._daemon.extras``), not a traceback.
+The check (``tessera._daemon.extras``) comes before importing the CLI, whose imports need the extra: without it
+the operator reads one line naming the extra to install, not a traceback.
 """
 
-from __future__ import annotations
-
 import sys
+from functools import partial
 
-from tessera._daemon.extras import require_extra
+from tessera._daemon.extras import run_cli
 
-
-def main() -> int:
-    require_extra("tessera-agent", "agent")
-    from tessera.agent.cli import main as cli_main
-
-    return cli_main()
-
+main = partial(run_cli, "tessera-agent", "agent", "tessera.agent.cli")
+"""The ``tessera-agent`` console script."""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,9 @@
   The daemons need more (gRPC health and reflection, Prometheus; the server also PostgreSQL and PKCS#11), which
   the ``agent`` and ``server`` extras bring (``tessera[all]`` both).
 - Without it a daemon would die on its first import with a traceback about a module the operator never named.
-  So each daemon's entry point calls :func:`require_extra` before importing anything else of its own: it needs
-  only the standard library, and asks the import system whether the modules exist without importing them.
+  So each daemon's entry point (its ``__main__``) goes through :func:`run_cli`, which checks before importing the
+  daemon's CLI: this module needs only the standard library, and asks the import system whether the modules
+  exist without importing them.
 - The whole extra is required, not only what this start's settings would load, so a daemon that starts once
   also starts after a config change to PostgreSQL or an HSM. :data:`EXTRA_MODULES` mirrors pyproject.toml's
   extras; a test keeps the two equal, and another that each daemon imports nothing outside its extra.
@@ -13,8 +14,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib.machinery import ModuleSpec
 
 _DAEMON = ("grpc_health", "grpc_reflection", "prometheus_client")
@@ -48,3 +50,11 @@ def require_extra(program: str, extra: str) -> None:
     line = missing_extra_line(program, extra)
     if line is not None:
         raise SystemExit(line)
+
+
+def run_cli(program: str, extra: str, cli_module: str, argv: Sequence[str] | None = None) -> int:
+    """Runs ``cli_module.main(argv)`` once :func:`require_extra` has passed; the module is named, not imported
+    here, because importing it is what needs the extra."""
+    require_extra(program, extra)
+    main: Callable[[Sequence[str] | None], int] = importlib.import_module(cli_module).main
+    return main(argv)
