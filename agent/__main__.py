@@ -1,5 +1,16 @@
+"""``tessera-agent`` and ``python -m tessera.agent``: the CLI, once the 'agent' extra is known to be installed.
+
+The check (``tessera._daemon.extras``) comes before importing the CLI, whose imports need the extra: without it
+the operator reads one line naming the extra to install, not a traceback.
+"""
+
 import sys
+from functools import partial
 
-from tessera.agent.cli import main
+from tessera._daemon.extras import run_cli
 
-sys.exit(main())
+main = partial(run_cli, "tessera-agent", "agent", "tessera.agent.cli")
+"""The ``tessera-agent`` console script."""
+
+if __name__ == "__main__":
+    sys.exit(main())

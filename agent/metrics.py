@@ -25,11 +25,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from tessera._daemon.metrics import MetricsListener
 from tessera.agent.endpoint.holders import CLOSED, NOT_HELD, SHARED_PREFIX
 from tessera.agent.endpoint.status import WORKLOAD_API_STATUS
 from tessera.agent.limits import ConcurrencyLimiter, StreamLimitExceeded
 from tessera.sdk.grpc import rewrap_handler
-from tessera.sdk.metrics import MetricsListener
 
 log = logging.getLogger("tessera.agent.metrics")
 

@@ -4,6 +4,10 @@ Every daemon takes ``--config FILE`` (one TOML table named after the program: ``
 ``[helper]``) and flags of the same names; a flag given on the command line wins. Everything is validated
 before anything starts, so an operator's typo stops start-up with one line naming the key instead of
 surfacing later as a confusing runtime failure.
+
+It is in the SDK, not in ``tessera._daemon``, because tessera-helper (``sdk/helper``) reads its ``[helper]`` table
+with it and the SDK may not import the daemons' private package; the daemons take it from the SDK. It needs
+only the standard library, and ``import tessera.sdk`` does not load it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Logging set-up shared by Tessera's daemons: human text or one JSON object per line.
+"""Logging set-up shared by tessera-helper and Tessera's daemons: human text or one JSON object per line.
+
+It is in the SDK, not in ``tessera._daemon``, because tessera-helper (``sdk/helper``) is a workload-side program
+of the light install and the SDK may not import the daemons' private package; it needs only the standard
+library, and ``import tessera.sdk`` does not load it.
 
 JSON lines carry the ``extra={...}`` fields a call site attaches (agent ID, entry ID, request), so log
 pipelines can filter on them. A redaction filter is the last line of defence for secrets: call sites never

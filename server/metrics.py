@@ -32,8 +32,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from tessera._daemon.metrics import MetricsListener
 from tessera.sdk.grpc import rewrap_handler
-from tessera.sdk.metrics import MetricsListener
 from tessera.server.limits import KeyedRateLimiter
 
 log = logging.getLogger("tessera.server.metrics")

@@ -1,7 +1,7 @@
 """The ``/metrics`` HTTP listener shared by tessera-server and tessera-agent.
 
-It lives in the SDK because the two daemons may not import each other. Only they import it (it pulls in
-prometheus-client); ``import tessera.sdk`` does not.
+Only the two daemons serve metrics, and it pulls in prometheus-client, which the ``agent`` and ``server`` extras
+install and a workload's plain ``pip install tessera`` does not: so it lives here, not in the public SDK.
 """
 
 from __future__ import annotations
